@@ -1,0 +1,152 @@
+"""The small attack interface and the registry. One file per attack registers itself here.
+
+An attack is a typed dataclass (its spec). It knows how to trigger a batch of images
+(:meth:`Attack.apply_trigger`, float images in [0, 1]), which label a triggered image should get
+(:meth:`Attack.target_labels`), and how to poison a training set (:meth:`Attack.poison_train`).
+Attacks with a fitted component fit it in :meth:`Attack.prepare` and expose it through
+:meth:`Attack.state_tensors` so it is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import UserError
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Attack:
+    """Fields common to every attack. Subclasses add their own trigger parameters."""
+
+    name: ClassVar[str] = "attack"
+    clean_label: ClassVar[bool] = False
+
+    target: int = 0  # the attacker's class (all-to-one)
+    mode: str = "all2one"  # "all2one" or "all2all" (label y -> (y + 1) mod K)
+    rate: float = 0.1  # fraction of the training set that is poisoned
+    num_classes: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("all2one", "all2all"):
+            raise UserError(f"attack mode must be all2one or all2all, got {self.mode!r}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise UserError(f"attack rate must be in [0, 1], got {self.rate}")
+        if not 0 <= self.target < self.num_classes:
+            raise UserError(f"attack target {self.target} is not a class of a {self.num_classes}-class dataset")
+
+    # --- the interface -------------------------------------------------------------------
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Return triggered copies of float images ``x`` (N, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def target_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self.mode == "all2all":
+            return (y + 1) % self.num_classes
+        return torch.full_like(y, self.target)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> None:
+        """Fit whatever the trigger needs (no-op for static triggers)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted component, saved with the checkpoint (empty for static triggers)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise UserError(f"attack {self.name} has no fitted component, but the checkpoint carries one")
+
+    # --- shared behaviour ----------------------------------------------------------------
+    def trigger_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Trigger uint8 images and quantise back to uint8, as a saved poisoned image would be."""
+        out = self.apply_trigger(x.float() / 255.0)
+        return (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+    def poison_indices(self, y: torch.Tensor) -> torch.Tensor:
+        """Which training samples to poison: ``rate`` of the set, drawn from the eligible ones
+        (images whose label the attack changes; for clean-label attacks, target-class images)."""
+        eligible = (y == self.target) if self.clean_label else (self.target_labels(y) != y)
+        pool = eligible.nonzero().flatten()
+        k = min(len(pool), round(self.rate * len(y)))
+        gen = torch.Generator().manual_seed(self.seed)
+        return pool[torch.randperm(len(pool), generator=gen)[:k]].sort().values
+
+    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Poisoned copy of a uint8 training set: ``(x, y, poisoned_mask)``."""
+        idx = self.poison_indices(y)
+        x, y = x.clone(), y.clone()
+        x[idx] = self.trigger_uint8(x[idx])
+        if not self.clean_label:
+            y[idx] = self.target_labels(y[idx])
+        mask = torch.zeros(len(y), dtype=torch.bool)
+        mask[idx] = True
+        return x, y, mask
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable spec; :func:`build_attack` re-creates the attack from it."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def _convert(cls: type[Attack], key: str, value: str) -> Any:
+    types = {f.name: f.type for f in fields(cls)}
+    if key not in types:
+        known = ", ".join(sorted(types))
+        raise UserError(f"attack {cls.name} has no parameter {key!r}; known: {known}")
+    kind = str(types[key])
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("bool"):
+            return value.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise UserError(f"attack parameter {key}={value!r} is not a valid {kind}") from None
+    return value
+
+
+def parse_attack_spec(spec: str | dict) -> dict[str, Any]:
+    """``"badnets:patch_size=3,target=0"`` -> ``{"name": "badnets", "patch_size": 3, "target": 0}``."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower().replace("_", "-")
+    cls = _attack_class(name)
+    out: dict[str, Any] = {"name": name}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"attack parameter {item!r} must look like key=value")
+        key = key.strip().replace("-", "_")
+        out[key] = _convert(cls, key, value.strip())
+    return out
+
+
+def _attack_class(name: str) -> type[Attack]:
+    if name not in ATTACKS:
+        raise UserError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def build_attack(spec: str | dict, num_classes: int | None = None) -> Attack:
+    """Create an attack from a spec string or dict (as saved in a checkpoint sidecar)."""
+    params = parse_attack_spec(spec)
+    cls = _attack_class(str(params.pop("name")).lower())
+    if num_classes is not None:
+        params["num_classes"] = num_classes
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise UserError(f"attack {cls.name} has no parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**params)

@@ -1,0 +1,150 @@
+"""The one training loop. Poisoned training, unlearning and every fine-tuning go through :func:`fit`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.transforms import augment, to_float
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and batching for one call of :func:`fit`."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    milestones: tuple[int, ...] = ()  # for "step"
+    gamma: float = 0.1  # for "step"
+    grad_clip: float | None = None  # max global gradient norm
+    augment: bool = True  # random crop with padding (+ flip when the data allows it)
+    hflip: bool = True
+    freeze_bn: bool = False  # keep BatchNorm running statistics fixed (eval mode)
+    amp: bool = False  # mixed precision, CUDA only
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    """Per-epoch records of one :func:`fit` call."""
+
+    epochs: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=cfg.gamma)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine, step or constant")
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    ascent: bool = False,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    on_epoch: Callable[[int, dict], bool | None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> History:
+    """Train ``model`` in place on images ``x`` (uint8 or float in [0, 1]) and labels ``y``.
+
+    ``ascent`` maximises the cross-entropy instead of minimising it (unlearning).
+    ``penalty`` adds a differentiable term to the loss at each step.
+    ``on_epoch(epoch, record)`` is called after each epoch; returning True stops training.
+    Each epoch's record holds the mean loss, the running training accuracy, the learning rate
+    and the seconds taken, plus whatever ``on_epoch`` adds to it.
+    """
+    device = torch.device(cfg.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, cfg)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(y)
+    steps = math.ceil(n / cfg.batch_size)
+    hist = History()
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=not progress, leave=False, unit="step")
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if cfg.freeze_bn:
+            _set_bn_eval(model)
+        order = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        for i in range(steps):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            xb = to_float(x[idx])
+            if cfg.augment:
+                xb = augment(xb, hflip=cfg.hflip, generator=gen)
+            xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+            objective = -loss if ascent else loss
+            if penalty is not None:
+                objective = objective + penalty()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(objective).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(1) == yb).sum().item()
+            bar.update(1)
+        record = {
+            "epoch": epoch,
+            "loss": loss_sum / n,
+            "train_acc": correct / n,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        sched.step()
+        stop = bool(on_epoch(epoch, record)) if on_epoch is not None else False
+        hist.epochs.append(record)
+        bar.set_postfix({k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+        log.info("%s epoch %d: %s", desc, epoch, record)
+        if stop:
+            hist.stopped_early = epoch < cfg.epochs
+            break
+    bar.close()
+    hist.seconds = time.perf_counter() - start
+    model.eval()
+    return hist
