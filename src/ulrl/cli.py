@@ -1,0 +1,234 @@
+"""The ``ulrl`` command: demo, train, purify, evaluate.
+
+A user mistake (bad path, name or value) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set alpha=0.1 --set freeze_bn=false`` -> typed ULRLConfig overrides."""
+    from .defenses.ulrl import ULRLConfig
+
+    types = {f.name: f.type for f in fields(ULRLConfig)}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = str(types[key])
+        try:
+            if kind.startswith("bool"):
+                out[key] = value.lower() in ("1", "true", "yes", "on")
+            elif kind.startswith("int"):
+                out[key] = int(value)
+            elif kind.startswith("float"):
+                out[key] = float(value)
+            elif kind.startswith("tuple"):
+                out[key] = tuple(int(v) for v in value.split(",") if v)
+            else:
+                out[key] = None if value.lower() == "none" else value
+        except ValueError:
+            raise UserError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data", default="fashion-mnist", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, gtsrb, tiny-imagenet, synthetic) or a directory")
+        p.add_argument("--data-dir", default=None, help="where the dataset's files are (default: its standard place)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing outputs (never inputs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ulrl", description="Remove backdoors from image classifiers with a few clean samples (ULRL).")
+    parser.add_argument("--version", action="version", version=f"ulrl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a backdoored small CNN on Fashion-MNIST, purify it, report")
+    p.add_argument("--attack", default="badnets", help="badnets, blended, or an attack spec like badnets:patch_size=4")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=5, help="poisoned-training epochs (default 5)")
+    p.add_argument("--preset", default="default", help="ULRL preset: default or paper")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ULRL option, e.g. --set alpha=0.1")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train a (poisoned) model and save a checkpoint")
+    p.add_argument("--arch", default="cnn-small", help="model name (see ulrl models)")
+    p.add_argument("--attack", default="none", help="attack spec, e.g. badnets:patch_size=3,target=0,rate=0.1; 'none' for a clean model")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--out", required=True, help="checkpoint path ending in .safetensors")
+    _add_common(p)
+
+    p = sub.add_parser("purify", help="remove a backdoor from a checkpoint with ULRL")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors with its .json sidecar, or a .pt state_dict)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--clean-ratio", type=_ratio, default=None, help="fraction of the training split used as clean data (default 0.01)")
+    group.add_argument("--clean-count", type=int, default=None, help="number of clean samples instead of a ratio")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--preset", default="default", help="ULRL preset: default or paper")
+    p.add_argument("--layer", default=None, help="name of the examined linear layer (default: the last nn.Linear)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ULRL option, e.g. --set alpha=0.1")
+    p.add_argument("--attack", default=None, help="attack spec to measure ASR with (default: the one in the checkpoint's sidecar, if any)")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="ACC, and ASR/RA under an attack, of a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--attack", default=None, help="attack spec (default: the one in the checkpoint's sidecar)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    sub.add_parser("models", help="list model names")
+    sub.add_parser("attacks", help="list attack names")
+    return parser
+
+
+def _load_data(args):
+    from .data import load_dataset
+
+    return load_dataset(args.data, args.data_dir)
+
+
+def _attack_for(spec: str | None, meta: dict, num_classes: int, attack_tensors=None):
+    from .attacks import build_attack
+
+    if spec in (None, "") and meta.get("attack"):
+        attack = build_attack(meta["attack"], num_classes)
+        attack.load_state_tensors(attack_tensors or {})
+        return attack
+    if spec in (None, "", "none"):
+        return None
+    return build_attack(spec, num_classes)
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import demo, format_table
+
+    data = _load_data(args)
+    r = demo(data, args.attack, args.out, args.seed, args.epochs, args.preset, _overrides(args.set),
+             args.overwrite, args.device, not args.no_progress)
+    print(f"\nULRL demo: cnn-small on {data.name}, {r['attack']['name']} attack, {r['clean_samples']} clean samples, seed {args.seed}\n")
+    print(format_table([("poisoned", r["before"], r["train_seconds"]),
+                        ("after ULRL", {**r["after"], "der": r["der"]}, r["defense_seconds"])]))
+    print(f"\nflagged neurons: {r['flagged_neurons']}  unlearning epochs: {r['unlearn_epochs']}")
+    print(f"results, plots and checkpoints in {args.out}/")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .attacks import build_attack
+    from .checkpoints import check_output, save_checkpoint
+    from .pipeline import format_table, train_model
+    from .train import TrainConfig
+
+    check_output(args.out, overwrite=args.overwrite)
+    if not args.out.endswith(".safetensors"):
+        raise UserError(f"--out {args.out} must end in .safetensors")
+    data = _load_data(args)
+    attack = None if args.attack in ("", "none") else build_attack(args.attack, data.num_classes)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                      milestones=(args.epochs // 2, 3 * args.epochs // 4), augment=not args.no_augment,
+                      hflip=data.hflip, amp=args.amp, seed=args.seed, device=args.device)
+    model, meta = train_model(data, args.arch, attack, cfg, progress=not args.no_progress)
+    save_checkpoint(args.out, model, meta, attack.state_tensors() if attack else None, overwrite=args.overwrite)
+    print(format_table([(args.arch, meta["test_metrics"], meta["train_seconds"])]))
+    print(f"saved {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def cmd_purify(args) -> int:
+    from .checkpoints import check_output, load_checkpoint
+    from .pipeline import check_compatible, format_table, run_defense, select_clean, write_defense_outputs
+
+    out = Path(args.out)
+    check_output(out / "model.safetensors", inputs=[args.model], overwrite=args.overwrite)
+    model, meta, attack_tensors = load_checkpoint(args.model)
+    data = _load_data(args)
+    check_compatible(meta, data)
+    if args.clean_count is not None and args.clean_count < 1:
+        raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
+    attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
+    clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
+    overrides = {"seed": args.seed, **_overrides(args.set)}
+    if args.layer:
+        overrides["layer"] = args.layer
+    repaired, report, results = run_defense(model, data, clean_idx, attack, "ulrl", args.preset, overrides,
+                                            args.device, not args.no_progress, monitor_size=0)
+    write_defense_outputs(out, repaired, meta, report, results, clean_idx, inputs=[args.model], overwrite=args.overwrite)
+    after = {**results["after"], "der": results["der"]} if results["der"] is not None else results["after"]
+    print(format_table([("input", results["before"], None), ("after ULRL", after, results["defense_seconds"])]))
+    print(f"flagged neurons of {report.layer}: {report.flagged}; wrote {out}/model.safetensors, report.json, results.json, plots")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoints import load_checkpoint
+    from .metrics import evaluate
+    from .pipeline import check_compatible, format_table
+
+    model, meta, attack_tensors = load_checkpoint(args.model)
+    data = _load_data(args)
+    check_compatible(meta, data)
+    attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
+    m = evaluate(model, data.test_x, data.test_y, attack, args.device)
+    print(json.dumps(m) if args.json else format_table([(Path(args.model).name, m, None)]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "models":
+        from .models import list_models
+        print("\n".join(list_models()))
+        return 0
+    if args.command == "attacks":
+        from .attacks import ATTACKS
+        print("\n".join(sorted(ATTACKS)))
+        return 0
+    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"ulrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ulrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

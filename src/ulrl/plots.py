@@ -1,0 +1,63 @@
+"""Plots of a defense report: per-neuron scores with the threshold, per-epoch curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .checkpoints import atomic_write  # noqa: E402
+from .defenses.base import DefenseReport  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_scores(report: DefenseReport, path: str | Path) -> None:
+    """Bar chart of per-neuron weight-change scores, flagged neurons in red, with the score
+    above which the MAD test flags a neuron marked."""
+    import statistics
+
+    scores, z = report.scores, report.z_scores
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    colors = ["tab:red" if i in report.flagged else "tab:blue" for i in range(len(scores))]
+    ax.bar(range(len(scores)), scores, color=colors)
+    if scores:
+        med = statistics.median(scores)
+        mad = statistics.median(abs(s - med) for s in scores)
+        thr = report.config.get("mad_threshold", 3.5)
+        ax.axhline(med + thr * 1.4826 * mad, color="tab:red", ls="--", lw=1, label=f"MAD threshold (z = {thr})")
+        ax.axhline(med, color="gray", ls=":", lw=1, label="median")
+        for i in report.flagged:
+            ax.annotate(f"z={z[i]:.1f}", (i, scores[i]), ha="center", va="bottom", fontsize=8)
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"neuron of {report.layer}")
+    ax.set_ylabel("sum |W_after - W_before|")
+    ax.set_title("ULRL: weight change during unlearning")
+    _save(fig, path)
+
+
+def plot_curves(report: DefenseReport, path: str | Path) -> None:
+    """Accuracy (and ASR, when the harness monitored it) per epoch of both phases."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, hist, title in ((axes[0], report.unlearn_history, "unlearning"), (axes[1], report.relearn_history, "relearning")):
+        epochs = [r["epoch"] for r in hist]
+        for key, label in (("train_acc", "clean-set accuracy"), ("heldout_acc", "held-out accuracy"),
+                           ("test_acc", "test ACC"), ("test_asr", "test ASR")):
+            if hist and key in hist[0]:
+                ax.plot(epochs, [r[key] for r in hist], marker="o", ms=3, label=label)
+        if title == "unlearning":
+            ax.axhline(report.config.get("clean_threshold", 0.2), color="gray", ls=":", lw=1, label="clean threshold")
+        if title == "relearning" and report.selected_epoch:
+            ax.axvline(report.selected_epoch, color="gray", ls="--", lw=1, label="selected epoch")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("fraction")
+    _save(fig, path)
