@@ -16,6 +16,13 @@ from typing import Any
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus exit code 2), like every other mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _ratio(text: str) -> float:
     try:
         v = float(text)
@@ -67,10 +74,10 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ulrl", description="Remove backdoors from image classifiers with a few clean samples (ULRL).")
+    parser = _Parser(prog="ulrl", description="Remove backdoors from image classifiers with a few clean samples (ULRL).")
     parser.add_argument("--version", action="version", version=f"ulrl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="train a backdoored small CNN on Fashion-MNIST, purify it, report")
     p.add_argument("--attack", default="badnets", help="badnets, blended, or an attack spec like badnets:patch_size=4")

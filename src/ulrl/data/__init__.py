@@ -49,17 +49,26 @@ DATASETS: dict[str, tuple[Callable[[str], Dataset], str | None]] = {
 
 def _canonical(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
-    return {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
-            "tinyimagenet": "tiny-imagenet", "tiny-imagenet-200": "tiny-imagenet"}.get(key, key)
+    return {
+        "fashionmnist": "fashion-mnist",
+        "cifar-10": "cifar10",
+        "cifar-100": "cifar100",
+        "tinyimagenet": "tiny-imagenet",
+        "tiny-imagenet-200": "tiny-imagenet",
+    }.get(key, key)
 
 
 def detect(path: str | Path) -> Dataset:
     """Load a dataset directory, guessing its kind from the files in it."""
     root = Path(path).expanduser()
-    found = lambda *names: any(root.glob(n) for n in names)  # noqa: E731
+
+    def found(*patterns: str) -> bool:
+        return any(next(root.glob(p), None) for p in patterns)
+
     if found("train-images[-.]idx3-ubyte*", "raw/train-images[-.]idx3-ubyte*"):
-        low = root.resolve().name.lower()
-        kind = "fashion-mnist" if "fashion" in low else "mnist" if low == "mnist" else low
+        here = root.resolve()
+        low = (here.parent if here.name == "raw" else here).name.lower()
+        kind = "fashion-mnist" if "fashion" in low else "mnist" if "mnist" in low else low
         return read_idx(root, name=kind)
     if found("data_batch_1", "cifar-10-batches-py"):
         return read_cifar(root, 10)

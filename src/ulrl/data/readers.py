@@ -13,7 +13,7 @@ import os
 import pickle
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,14 +42,18 @@ def _not_found(what: str, where: str | Path, expected: str) -> UserError:
     return UserError(f"{what} not found in {where}: expected {expected}; pass --data-dir DIR")
 
 
-def _find_root(path: str | Path, nests: Sequence[str], marker) -> Path | None:
+def _find_root(
+    path: str | Path, nests: Sequence[str], marker: Callable[[Path], bool]
+) -> Path | None:
     """Return the first of ``path`` and ``path/<nest>`` (also two levels deep) where ``marker(p)`` holds."""
     base = Path(path).expanduser()
     candidates = [base] + [base / n for n in nests] + [base / a / b for a in nests for b in nests]
     return next((p for p in candidates if p.is_dir() and marker(p)), None)
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    x: torch.Tensor, chunk: int = 4096
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in float64 chunks."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
@@ -178,10 +182,14 @@ def read_idx(path: str | Path, name: str = "fashion-mnist") -> Dataset:
     root = _find_root(path, ("raw",), _has_idx)
     if root is None:
         raise _not_found(
-            title, path, "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-            "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]"
+            title,
+            path,
+            "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+            "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]",
         )
-    arr = {k: parse_idx(_idx_path(root, *v), 3 if v[1] == "idx3" else 1) for k, v in _IDX_FILES.items()}
+    arr = {
+        k: parse_idx(_idx_path(root, *v), 3 if v[1] == "idx3" else 1) for k, v in _IDX_FILES.items()
+    }
     return _make(
         name,
         (arr["train_x"][:, None], arr["train_y"]),
@@ -224,14 +232,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise UserError(f"{self.source} refuses to unpickle {module}.{name}: only numpy arrays are allowed")
+            raise UserError(
+                f"{self.source} refuses to unpickle {module}.{name}: only numpy arrays are allowed"
+            )
         if module.endswith("codecs"):
             import codecs
 
             return codecs.encode
         if module == "numpy":
             return getattr(np, name)
-        sub = module.rsplit(".", 1)[1]  # multiarray or numeric; numpy 2 calls numpy.core numpy._core
+        sub = module.rsplit(".", 1)[1]  # numpy 2 renamed numpy.core to numpy._core
         return _numpy_attr(f"numpy._core.{sub}.{name}", f"numpy.core.{sub}.{name}")
 
     def __init__(self, file, source: str = "pickle") -> None:
@@ -263,9 +273,13 @@ def read_cifar(path: str | Path, num_classes: int = 10) -> Dataset:
         raise UserError(f"CIFAR has 10 or 100 classes, got {num_classes}")
     folder, train_files, test_files, key = _CIFAR[num_classes]
     name = f"cifar{num_classes}"
-    root = _find_root(path, (folder,), lambda p: all((p / f).is_file() for f in train_files + test_files))
+    root = _find_root(
+        path, (folder,), lambda p: all((p / f).is_file() for f in train_files + test_files)
+    )
     if root is None:
-        raise _not_found(_KNOWN[name][0], path, f"{folder}/ with {', '.join(train_files + test_files)}")
+        raise _not_found(
+            _KNOWN[name][0], path, f"{folder}/ with {', '.join(train_files + test_files)}"
+        )
 
     def split(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -293,7 +307,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def read_gtsrb(path: str | Path, size: int = 32) -> Dataset:
     """Read the published GTSRB layout (Final_Training/Images/000NN, Final_Test/Images + GT-final_test.csv)."""
-    expected = "Final_Training/Images/000NN/*.ppm and Final_Test/Images/*.ppm with GT-final_test.csv"
+    expected = (
+        "Final_Training/Images/000NN/*.ppm and Final_Test/Images/*.ppm with GT-final_test.csv"
+    )
     root = _find_root(path, ("GTSRB",), lambda p: (p / "Final_Training" / "Images").is_dir())
     if root is None:
         raise _not_found("GTSRB", path, expected)
@@ -335,8 +351,10 @@ def read_tiny_imagenet(path: str | Path) -> Dataset:
     root = _find_root(path, ("tiny-imagenet-200",), lambda p: (p / "wnids.txt").is_file())
     if root is None:
         raise _not_found(
-            "Tiny-ImageNet", path, "tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/, "
-            "val/images/ and val/val_annotations.txt"
+            "Tiny-ImageNet",
+            path,
+            "tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/, "
+            "val/images/ and val/val_annotations.txt",
         )
     wnids = sorted({w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()})
     index = {w: i for i, w in enumerate(wnids)}
@@ -379,11 +397,17 @@ def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
     root = Path(path).expanduser()
     test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise _not_found("image folder dataset", root, "train/<class>/*.png|jpg|ppm|bmp and test/<class>/* (or val/)")
+        raise _not_found(
+            "image folder dataset",
+            root,
+            "train/<class>/*.png|jpg|ppm|bmp and test/<class>/* (or val/)",
+        )
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     unknown = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes))
     if unknown:
-        raise UserError(f"{test_dir} has classes missing from {root / 'train'}: {', '.join(unknown)}")
+        raise UserError(
+            f"{test_dir} has classes missing from {root / 'train'}: {', '.join(unknown)}"
+        )
 
     def listing(split: Path) -> tuple[list[Path], list[int]]:
         paths, labels = [], []
@@ -395,7 +419,11 @@ def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
 
     (train_paths, train_y), (test_paths, test_y) = listing(root / "train"), listing(test_dir)
     if not train_paths or not test_paths:
-        raise _not_found("images", root, f"files ending in {'/'.join(IMAGE_EXTENSIONS)} under train/ and {test_dir.name}/")
+        raise _not_found(
+            "images",
+            root,
+            f"files ending in {'/'.join(IMAGE_EXTENSIONS)} under train/ and {test_dir.name}/",
+        )
     if size is None:
         from PIL import Image
 
@@ -414,7 +442,13 @@ def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
     train_x, test_x = load_images(train_paths, hw), load_images(test_paths, hw)
     if all((x[:, :1] == x[:, 1:]).all() for x in (train_x, test_x)):
         train_x, test_x = train_x[:, :1], test_x[:, :1]
-    return _make(root.name or "folder", (train_x, train_y), (test_x, test_y), len(classes), source=root)
+    return _make(
+        root.resolve().name or "folder",
+        (train_x, train_y),
+        (test_x, test_y),
+        len(classes),
+        source=root,
+    )
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -431,10 +465,11 @@ def synthetic(
     """A learnable toy dataset: each class is a smooth random template plus pixel noise."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
-    templates = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    templates = (templates - templates.amin((1, 2, 3), keepdim=True)) / (
-        templates.amax((1, 2, 3), keepdim=True) - templates.amin((1, 2, 3), keepdim=True) + 1e-8
+    templates = torch.nn.functional.interpolate(
+        coarse, size=(size, size), mode="bilinear", align_corners=False
     )
+    lo, hi = templates.amin((1, 2, 3), keepdim=True), templates.amax((1, 2, 3), keepdim=True)
+    templates = (templates - lo) / (hi - lo + 1e-8)
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % num_classes
@@ -442,4 +477,6 @@ def synthetic(
         x = 40 + 175 * templates[y] + 20 * torch.randn(n, channels, size, size, generator=g)
         return x.round().clamp(0, 255).to(torch.uint8), y
 
-    return _make("synthetic", split(n_train), split(n_test), num_classes, hflip=False, source="memory")
+    return _make(
+        "synthetic", split(n_train), split(n_test), num_classes, hflip=False, source="memory"
+    )

@@ -31,7 +31,9 @@ def clean_subset(
         total = max(1, round(ratio * n))
     else:
         if not 1 <= count <= n:
-            raise UserError(f"--clean-count must be between 1 and {n} (the training set size), got {count}")
+            raise UserError(
+                f"--clean-count must be between 1 and {n} (the training set size), got {count}"
+            )
         total = int(count)
     if n == 0:
         raise UserError("cannot pick a clean subset from an empty training set")
@@ -41,7 +43,9 @@ def clean_subset(
     alloc = share.floor().long()
     order = torch.argsort(share - alloc, descending=True, stable=True)
     alloc[order[: total - int(alloc.sum())]] += 1
-    if total >= len(classes):  # give empty classes one sample, taken from the most over-served class
+    if total >= len(
+        classes
+    ):  # give empty classes one sample, taken from the most over-served class
         for c in (alloc == 0).nonzero().flatten().tolist():
             donor = int(torch.where(alloc > 1, alloc - share, -math.inf).argmax())
             alloc[donor] -= 1

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1]."""
+    """uint8 images -> float32 in [0, 1]; float images are returned as they are (never modified)."""
+    if x.is_floating_point():
+        return x
     return x.to(torch.float32).div_(255)
 
 
@@ -36,5 +38,7 @@ def augment(
     rows = oy + torch.arange(h, device=x.device)
     cols = ox + cols
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    index = (
+        (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    )
     return padded.flatten(2).gather(2, index).view(n, c, h, w)

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ulrl
+from ulrl.defenses.ulrl import cosine_penalty, mad_outliers, make_config, neuron_scores, reinitialise
+from ulrl.errors import UserError
+
+
+def test_mad_flags_planted_outlier():
+    scores = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, 9.0, 1.01, 0.97])
+    flagged, z = mad_outliers(scores, threshold=3.5, cap=2)
+    assert flagged == [7]
+    assert z[7] > 3.5 and (z[torch.arange(10) != 7] < 3.5).all()
+
+
+def test_mad_flags_nothing_in_flat_vector():
+    flagged, z = mad_outliers(torch.full((10,), 2.5))
+    assert flagged == [] and (z == 0).all()
+    flagged, _ = mad_outliers(torch.linspace(1.0, 1.1, 10))
+    assert flagged == []
+
+
+def test_mad_ignores_low_outliers_and_caps_by_score():
+    scores = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.02, -20.0, 8.0, 12.0, 10.0])
+    flagged, _ = mad_outliers(scores, cap=2)
+    assert flagged == [8, 9]  # highest first, capped at 2, the low outlier (index 6) ignored
+
+
+def test_neuron_scores_sum_abs_change_per_row():
+    before = torch.zeros(3, 4)
+    after = torch.tensor([[1.0, -1.0, 0, 0], [0, 0, 0, 0], [0.5, 0.5, 0.5, -0.5]])
+    assert neuron_scores(before, after).tolist() == [2.0, 0.0, 2.0]
+
+
+def test_reinitialise_touches_only_flagged_rows():
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 6)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    reinitialise(layer, [1, 4], torch.Generator().manual_seed(0))
+    changed = (layer.weight != w0).any(1)
+    assert changed.tolist() == [False, True, False, False, True, False]
+    assert torch.equal(layer.bias[[0, 2, 3, 5]], b0[[0, 2, 3, 5]])
+    assert layer.bias[1] == 0 and layer.bias[4] == 0
+    bound = math.sqrt(2.0 / 50)
+    assert layer.weight[[1, 4]].abs().max() <= bound
+
+
+def test_cosine_penalty_gradient_pushes_row_away():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    w_orig = layer.weight.detach().clone()
+    with torch.no_grad():  # start the relearned row close to its original direction
+        layer.weight[2] = w_orig[2] + 0.1 * torch.randn(8)
+    pen = cosine_penalty(layer, w_orig, [2], alpha=1.0)
+    cos_before = torch.cosine_similarity(layer.weight[2], w_orig[2], dim=0).item()
+    pen().backward()
+    assert layer.weight.grad[[0, 1]].abs().sum() == 0  # only the flagged row gets a gradient
+    with torch.no_grad():
+        layer.weight -= 0.5 * layer.weight.grad
+    cos_after = torch.cosine_similarity(layer.weight[2], w_orig[2], dim=0).item()
+    assert cos_after < cos_before
+
+
+def test_config_presets_and_bad_option():
+    paper = make_config("paper")
+    assert (paper.unlearn_lr, paper.relearn_lr, paper.alpha, paper.clean_threshold) == (0.01, 0.005, 0.7, 0.2)
+    assert (paper.mad_threshold, paper.max_neurons, paper.grad_clip, paper.relearn_epochs) == (3.5, 2, 20.0, 20)
+    with pytest.raises(UserError):
+        make_config("default", nonsense=1)
+    with pytest.raises(UserError):
+        make_config("nope")
+
+
+def test_purify_end_to_end_on_tiny_model(synth, tiny):
+    model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
+    ulrl.fit(model, synth.train_x, synth.train_y, ulrl.TrainConfig(epochs=3, lr=0.05), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    repaired, report = ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="default",
+                                   unlearn_epochs=3, relearn_epochs=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
+    assert report.layer == "net.classifier" or report.layer.endswith("classifier")
+    assert len(report.scores) == synth.num_classes == len(report.z_scores)
+    assert 1 <= report.unlearn_epochs <= 3 and len(report.relearn_history) == 2
+    assert set(report.seconds) == {"unlearn", "relearn", "total"}
+    assert repaired(torch.rand(2, 1, 16, 16)).shape == (2, synth.num_classes)
+
+
+def test_purify_accepts_any_module_and_named_layer(tiny):
+    x, y = torch.rand(40, 1, 4, 4), torch.arange(40) % 4
+    repaired, report = ulrl.purify(tiny, (x, y), layer="fc", unlearn_epochs=1, relearn_epochs=1, augment=False, progress=False)
+    assert report.layer == "fc"
+    with pytest.raises(UserError):
+        ulrl.purify(tiny, (x[:0], y[:0]), progress=False)
+    with pytest.raises(UserError):
+        ulrl.purify(tiny, (x, y), layer="features.2", progress=False)  # a ReLU
