@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 import ulrl
-from ulrl.defenses.ulrl import cosine_penalty, mad_outliers, make_config, neuron_scores, reinitialise
+from ulrl.defenses.ulrl import (
+    cosine_penalty,
+    mad_outliers,
+    make_config,
+    neuron_scores,
+    reinitialise,
+)
 from ulrl.errors import UserError
 
 

@@ -177,7 +177,13 @@ def cmd_train(args) -> int:
 
 def cmd_purify(args) -> int:
     from .checkpoints import check_output, load_checkpoint
-    from .pipeline import check_compatible, format_table, run_defense, select_clean, write_defense_outputs
+    from .pipeline import (
+        check_compatible,
+        format_table,
+        run_defense,
+        select_clean,
+        write_defense_outputs,
+    )
 
     out = Path(args.out)
     check_output(out / "model.safetensors", inputs=[args.model], overwrite=args.overwrite)

@@ -149,13 +149,15 @@ def write_defense_outputs(out: Path, repaired: nn.Module, meta: dict, report: De
 
 def format_table(rows: list[tuple[str, dict, float | None]]) -> str:
     """A before/after table: rows of (label, metrics, seconds)."""
+
+    def cell(v, width: int = 8, fmt: str = ".4f") -> str:
+        return f"{v:{width}{fmt}}" if isinstance(v, float) else "-".rjust(width)
+
     head = f"{'model':<22}{'ACC':>8}{'ASR':>8}{'RA':>8}{'DER':>8}{'seconds':>10}"
     lines = [head, "-" * len(head)]
     for label, m, secs in rows:
-        def f(k):
-            v = m.get(k)
-            return f"{v:8.4f}" if isinstance(v, float) else f"{'-':>8}"
-        lines.append(f"{label:<22}{f('acc')}{f('asr')}{f('ra')}{f('der')}{(f'{secs:10.1f}' if secs is not None else '-'.rjust(10))}")
+        metrics = "".join(cell(m.get(k)) for k in ("acc", "asr", "ra", "der"))
+        lines.append(f"{label:<22}{metrics}{cell(secs, 10, '.1f')}")
     return "\n".join(lines)
 
 

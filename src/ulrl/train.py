@@ -74,7 +74,8 @@ def fit(
     cfg: TrainConfig,
     *,
     ascent: bool = False,
-    penalty: Callable[[], torch.Tensor] | None = None,
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lr_scale: Callable[[str], float] | None = None,
     on_epoch: Callable[[int, dict], bool | None] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -82,15 +83,19 @@ def fit(
     """Train ``model`` in place on images ``x`` (uint8 or float in [0, 1]) and labels ``y``.
 
     ``ascent`` maximises the cross-entropy instead of minimising it (unlearning).
-    ``penalty`` adds a differentiable term to the loss at each step.
+    ``penalty(x, logits)`` adds a differentiable term to the loss at each step.
+    ``lr_scale(param_name)`` multiplies the learning rate of each parameter (default 1).
     ``on_epoch(epoch, record)`` is called after each epoch; returning True stops training.
     Each epoch's record holds the mean loss, the running training accuracy, the learning rate
     and the seconds taken, plus whatever ``on_epoch`` adds to it.
     """
     device = torch.device(cfg.device)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    scales = sorted({lr_scale(k) for k, _ in named}) if lr_scale else [1.0]
+    groups = [{"params": [p for k, p in named if (lr_scale(k) if lr_scale else 1.0) == s], "lr": cfg.lr * s} for s in scales]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -118,7 +123,7 @@ def fit(
                 loss = F.cross_entropy(out, yb)
             objective = -loss if ascent else loss
             if penalty is not None:
-                objective = objective + penalty()
+                objective = objective + penalty(xb, out)
             opt.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             if cfg.grad_clip is not None:
@@ -133,7 +138,7 @@ def fit(
             "epoch": epoch,
             "loss": loss_sum / n,
             "train_acc": correct / n,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[-1]["lr"],
             "seconds": time.perf_counter() - t0,
         }
         sched.step()
