@@ -102,3 +102,28 @@ def test_purify_accepts_any_module_and_named_layer(tiny):
         ulrl.purify(tiny, (x[:0], y[:0]), progress=False)
     with pytest.raises(UserError):
         ulrl.purify(tiny, (x, y), layer="features.2", progress=False)  # a ReLU
+
+
+def test_cosine_margin_stops_pushing_below_it():
+    layer = nn.Linear(4, 2)
+    w_orig = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-1.0, 0.1, 0, 0], [1.0, 1.0, 0, 0]]))  # row 0: cos ~ -0.99
+    cosine_penalty(layer, w_orig, [0, 1], alpha=1.0, margin=-0.5)().backward()
+    assert layer.weight.grad[0].abs().sum() == 0  # already below the margin: left alone
+    assert layer.weight.grad[1].abs().sum() > 0
+
+
+def test_unlearn_with_masked_class_never_collapses_onto_it(synth):
+    from ulrl.defenses.ulrl import unlearn
+    from ulrl.models import find_classifier
+
+    model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
+    ulrl.fit(model, synth.train_x, synth.train_y, ulrl.TrainConfig(epochs=2, lr=0.05), progress=False)
+    _, layer = find_classifier(model)
+    cfg = make_config("paper", unlearn_epochs=2)
+    shared = dict(batch_size=64, augment=False, hflip=False)
+    scores, hist = unlearn(model, layer, synth.train_x, synth.train_y, cfg, shared, [1], None, False)
+    others = scores[[0, 2, 3]]
+    assert scores[1] == others.median()  # the masked class is scored neutrally
+    assert len(hist) >= 1

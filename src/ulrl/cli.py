@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a backdoored small CNN on Fashion-MNIST, purify it, report")
     p.add_argument("--attack", default="badnets", help="badnets, blended, or an attack spec like badnets:patch_size=4")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-N if that holds a result)")
     p.add_argument("--epochs", type=int, default=5, help="poisoned-training epochs (default 5)")
     p.add_argument("--preset", default="default", help="ULRL preset: default or paper")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ULRL option, e.g. --set alpha=0.1")
@@ -143,6 +143,9 @@ def _attack_for(spec: str | None, meta: dict, num_classes: int, attack_tensors=N
 def cmd_demo(args) -> int:
     from .pipeline import demo, format_table
 
+    if args.out is None:  # never over an earlier result: take the next free runs/demo[-N]
+        args.out = next(d for d in (f"runs/demo{'' if i == 1 else f'-{i}'}" for i in range(1, 10_000))
+                        if not (Path(d) / "results.json").exists())
     data = _load_data(args)
     r = demo(data, args.attack, args.out, args.seed, args.epochs, args.preset, _overrides(args.set),
              args.overwrite, args.device, not args.no_progress)

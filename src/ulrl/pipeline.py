@@ -72,8 +72,15 @@ def train_model(
         attack.prepare(x, y)
         x, y, mask = attack.poison_train(x, y)
         n_poison = int(mask.sum())
+    sub = torch.arange(min(2000, len(data.test_y)))
+
+    def test_metrics(epoch: int, record: dict) -> None:  # per-epoch ACC (and ASR) on 2000 test images
+        m = evaluate(model, data.test_x[sub], data.test_y[sub], attack, cfg.device)
+        record.update({f"test_{k}": v for k, v in m.items()})
+
     t0 = time.perf_counter()
-    hist = fit(model, x, y, cfg, desc=f"train {arch}" + (f" + {attack.name}" if attack else ""), progress=progress)
+    hist = fit(model, x, y, cfg, on_epoch=test_metrics, desc=f"train {arch}" + (f" + {attack.name}" if attack else ""),
+               progress=progress)
     seconds = time.perf_counter() - t0
     metrics = evaluate(model, data.test_x, data.test_y, attack, cfg.device)
     meta = model_meta(arch, data, attack, cfg, poisoned_samples=n_poison, train_seconds=seconds,
