@@ -78,7 +78,7 @@ class ULRLConfig:
 
 PRESETS: dict[str, dict] = {
     "paper": {},  # the reference implementation's defaults (CIFAR-10)
-    "default": {"second_look": True, "cos_margin": -0.5},  # see docs/method.md
+    "default": {"second_look": True, "cos_margin": -0.3},  # see docs/method.md
 }
 
 
