@@ -114,3 +114,16 @@ def test_architecture_mismatch(ckpt, tmp_path, capsys):
         code, err = _err(capsys, ["evaluate", "--model", str(bad), "--data", "synthetic"])
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "does not match" in err or needle in err, err
+
+
+def test_pt_state_dict_with_arch_flag(ckpt, tmp_path, capsys):
+    """A user's own .pt state_dict (no sidecar) is read with --arch; without it, a one-line hint."""
+    from ulrl.checkpoints import load_checkpoint
+
+    model, _, _ = load_checkpoint(ckpt)
+    torch.save(model.net.state_dict(), tmp_path / "bare.pt")  # the bare network, no normalisation wrapper
+    code, err = _err(capsys, ["evaluate", "--model", str(tmp_path / "bare.pt"), "--data", "synthetic"])
+    assert code == 2 and "--arch" in err
+    assert main(["evaluate", "--model", str(tmp_path / "bare.pt"), "--arch", "cnn-small", "--data", "synthetic",
+                 "--attack", "none", "--json"]) == 0
+    assert '"acc"' in capsys.readouterr().out

@@ -108,7 +108,7 @@ def save_checkpoint(
 def read_meta(path: str | Path) -> dict[str, Any]:
     side = sidecar(path)
     if not side.is_file():
-        raise UserError(f"checkpoint {path} has no sidecar {side}; it holds the architecture (see docs) or pass --arch/--num-classes")
+        raise UserError(f"checkpoint {path} has no sidecar {side} naming its architecture; pass --arch NAME (see 'ulrl models')")
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

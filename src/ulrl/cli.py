@@ -61,6 +61,23 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors with its .json sidecar, or a .pt state_dict)")
+    p.add_argument("--arch", default=None, help="architecture of a checkpoint without a sidecar (see ulrl models); "
+                   "classes, channels, size and normalisation are then taken from --data")
+
+
+def _load_model(args, data):
+    """The checkpoint named by --model, checked against the data; (model, meta, attack tensors)."""
+    from .checkpoints import load_checkpoint
+    from .pipeline import check_compatible, model_meta
+
+    meta = model_meta(args.arch, data, None, None) if args.arch else None
+    model, meta, attack_tensors = load_checkpoint(args.model, meta)
+    check_compatible(meta, data)
+    return model, meta, attack_tensors
+
+
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument("--data", default="fashion-mnist", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, gtsrb, tiny-imagenet, synthetic) or a directory")
@@ -100,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("purify", help="remove a backdoor from a checkpoint with ULRL")
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors with its .json sidecar, or a .pt state_dict)")
+    _add_model_args(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--clean-ratio", type=_ratio, default=None, help="fraction of the training split used as clean data (default 0.01)")
     group.add_argument("--clean-count", type=int, default=None, help="number of clean samples instead of a ratio")
@@ -112,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="ACC, and ASR/RA under an attack, of a checkpoint")
-    p.add_argument("--model", required=True)
+    _add_model_args(p)
     p.add_argument("--attack", default=None, help="attack spec (default: the one in the checkpoint's sidecar)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
@@ -159,13 +176,14 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     from .attacks import build_attack
-    from .checkpoints import check_output, save_checkpoint
+    from .checkpoints import check_output, ensure_dir, save_checkpoint
     from .pipeline import format_table, train_model
     from .train import TrainConfig
 
     check_output(args.out, overwrite=args.overwrite)
     if not args.out.endswith(".safetensors"):
         raise UserError(f"--out {args.out} must end in .safetensors")
+    ensure_dir(Path(args.out).parent)
     data = _load_data(args)
     attack = None if args.attack in ("", "none") else build_attack(args.attack, data.num_classes)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
@@ -210,13 +228,11 @@ def cmd_purify(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoints import load_checkpoint
     from .metrics import evaluate
-    from .pipeline import check_compatible, format_table
+    from .pipeline import format_table
 
-    model, meta, attack_tensors = load_checkpoint(args.model)
     data = _load_data(args)
-    check_compatible(meta, data)
+    model, meta, attack_tensors = _load_model(args, data)
     attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
     m = evaluate(model, data.test_x, data.test_y, attack, args.device)
     print(json.dumps(m) if args.json else format_table([(Path(args.model).name, m, None)]))
