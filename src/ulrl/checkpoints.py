@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,9 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal is ours to say
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"refusing to load {path}: it contains pickled objects other than plain tensors; export a state_dict or safetensors file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
