@@ -33,8 +33,10 @@ def plot_scores(report: DefenseReport, path: str | Path) -> None:
         thr = report.config.get("mad_threshold", 3.5)
         ax.axhline(med + thr * 1.4826 * mad, color="tab:red", ls="--", lw=1, label=f"MAD threshold (z = {thr})")
         ax.axhline(med, color="gray", ls=":", lw=1, label="median")
-        for i in report.flagged:
-            ax.annotate(f"z={z[i]:.1f}", (i, scores[i]), ha="center", va="bottom", fontsize=8)
+        for rank, i in enumerate(report.flagged):
+            second = rank > 0 and report.second_look_z_scores and z[i] <= thr
+            text = f"2nd look\nz={report.second_look_z_scores[i]:.1f}" if second else f"z={z[i]:.1f}"
+            ax.annotate(text, (i, scores[i]), ha="center", va="bottom", fontsize=8)
         ax.legend(fontsize=8)
     ax.set_xlabel(f"neuron of {report.layer}")
     ax.set_ylabel("sum |W_after - W_before|")
@@ -47,7 +49,7 @@ def plot_curves(report: DefenseReport, path: str | Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
     for ax, hist, title in ((axes[0], report.unlearn_history, "unlearning"), (axes[1], report.relearn_history, "relearning")):
         epochs = [r["epoch"] for r in hist]
-        for key, label in (("train_acc", "clean-set accuracy"), ("heldout_acc", "held-out accuracy"),
+        for key, label in (("train_acc", "clean-set accuracy (running)"), ("heldout_acc", "held-out accuracy"),
                            ("test_acc", "test ACC"), ("test_asr", "test ASR")):
             if hist and key in hist[0]:
                 ax.plot(epochs, [r[key] for r in hist], marker="o", ms=3, label=label)

@@ -36,6 +36,7 @@ class DefenseReport:
     scores: list[float] = field(default_factory=list)
     z_scores: list[float] = field(default_factory=list)
     flagged: list[int] = field(default_factory=list)
+    second_look_z_scores: list[float] = field(default_factory=list)  # z-scores of the masked re-run, if any
     unlearn_epochs: int = 0
     unlearn_history: list[dict] = field(default_factory=list)
     relearn_history: list[dict] = field(default_factory=list)

@@ -238,7 +238,8 @@ def purify(
         model.load_state_dict(original_state)
         scores2, _ = unlearn(model, layer, x_train, y_train, cfg, shared, flagged, None, progress)
         more, z2 = mad_outliers(scores2, cfg.mad_threshold, cfg.max_neurons - len(flagged))
-        report.notes.append(f"second look with classes {flagged} masked flagged {more} (z = {[round(z2[k].item(), 1) for k in more]})")
+        report.notes.append(f"second look with classes {flagged} masked flagged {more}")
+        report.second_look_z_scores = z2.tolist()
         flagged = flagged + more
     report.scores, report.z_scores, report.flagged = scores.tolist(), z.tolist(), flagged
     if not flagged:
