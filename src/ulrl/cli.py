@@ -33,11 +33,11 @@ def _ratio(text: str) -> float:
     return v
 
 
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    """``--set alpha=0.1 --set freeze_bn=false`` -> typed ULRLConfig overrides."""
-    from .defenses.ulrl import ULRLConfig
+def _overrides(items: list[str] | None, defense: str = "ulrl") -> dict[str, Any]:
+    """``--set alpha=0.1 --set freeze_bn=false`` -> typed overrides of the defense's config."""
+    from .defenses.base import defense_entry
 
-    types = {f.name: f.type for f in fields(ULRLConfig)}
+    types = {f.name: f.type for f in fields(defense_entry(defense).config)}
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, value = item.partition("=")
@@ -116,15 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint path ending in .safetensors")
     _add_common(p)
 
-    p = sub.add_parser("purify", help="remove a backdoor from a checkpoint with ULRL")
+    p = sub.add_parser("purify", help="remove a backdoor from a checkpoint with ULRL (or another defense)")
     _add_model_args(p)
+    p.add_argument("--defense", default="ulrl", help="defense name (see ulrl defenses); default ulrl")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--clean-ratio", type=_ratio, default=None, help="fraction of the training split used as clean data (default 0.01)")
     group.add_argument("--clean-count", type=int, default=None, help="number of clean samples instead of a ratio")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--preset", default="default", help="ULRL preset: default or paper")
-    p.add_argument("--layer", default=None, help="name of the examined linear layer (default: the last nn.Linear)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ULRL option, e.g. --set alpha=0.1")
+    p.add_argument("--preset", default="default", help="defense preset (ULRL: default or paper)")
+    p.add_argument("--layer", default=None, help="ULRL: name of the examined linear layer (default: the last nn.Linear)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense option, e.g. --set alpha=0.1")
     p.add_argument("--attack", default=None, help="attack spec to measure ASR with (default: the one in the checkpoint's sidecar, if any)")
     _add_common(p)
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model names")
     sub.add_parser("attacks", help="list attack names")
+    sub.add_parser("defenses", help="list defense names")
     return parser
 
 
@@ -215,15 +217,17 @@ def cmd_purify(args) -> int:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
     attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
     clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
-    overrides = {"seed": args.seed, **_overrides(args.set)}
+    overrides = {"seed": args.seed, **_overrides(args.set, args.defense)}
     if args.layer:
         overrides["layer"] = args.layer
-    repaired, report, results = run_defense(model, data, clean_idx, attack, "ulrl", args.preset, overrides,
+    repaired, report, results = run_defense(model, data, clean_idx, attack, args.defense, args.preset, overrides,
                                             args.device, not args.no_progress, monitor_size=0)
     write_defense_outputs(out, repaired, meta, report, results, clean_idx, inputs=[args.model], overwrite=args.overwrite)
     after = {**results["after"], "der": results["der"]} if results["der"] is not None else results["after"]
-    print(format_table([("input", results["before"], None), ("after ULRL", after, results["defense_seconds"])]))
-    print(f"flagged neurons of {report.layer}: {report.flagged}; wrote {out}/model.safetensors, report.json, results.json, plots")
+    print(format_table([("input", results["before"], None), (f"after {args.defense}", after, results["defense_seconds"])]))
+    if report.layer:
+        print(f"flagged neurons of {report.layer}: {report.flagged}")
+    print(f"wrote {out}/model.safetensors, report.json, results.json, plots")
     return 0
 
 
@@ -250,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "attacks":
         from .attacks import ATTACKS
         print("\n".join(sorted(ATTACKS)))
+        return 0
+    if args.command == "defenses":
+        from .defenses import DEFENSES
+        print("\n".join(sorted(DEFENSES)))
         return 0
     handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate}
     try:

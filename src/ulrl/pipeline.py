@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attacks import Attack, build_attack
+from .attacks import Attack, FitContext, build_attack
 from .checkpoints import ensure_dir, save_checkpoint, write_json
 from .data import Dataset, clean_subset
-from .defenses import DEFENSES, DefenseReport
-from .defenses.ulrl import make_config
+from .defenses import DefenseReport, make_defense_config, run_defense_fn
 from .errors import UserError
 from .metrics import der, evaluate
 from .models import create_model
@@ -65,13 +64,21 @@ def train_model(
     """Train ``arch`` on ``data`` poisoned by ``attack`` (clean when None). Returns (model, meta)."""
     cfg = cfg or TrainConfig(hflip=data.hflip)
     torch.manual_seed(cfg.seed)
-    model = create_model(arch, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+
+    def make_model() -> nn.Module:
+        return create_model(arch, data.num_classes, data.in_channels, data.image_size, data.mean, data.std)
+
+    model = make_model()
     x, y = data.train_x, data.train_y
     n_poison = 0
+    batch_hook = step_hook = None
+    t_fit = time.perf_counter()
     if attack is not None:
-        attack.prepare(x, y)
+        attack.prepare(x, y, FitContext(make_model, cfg.device, progress, data.hflip, cfg.seed))
         x, y, mask = attack.poison_train(x, y)
         n_poison = int(mask.sum())
+        batch_hook, step_hook = attack.training_hooks(model)
+    fit_seconds = time.perf_counter() - t_fit
     sub = torch.arange(min(2000, len(data.test_y)))
 
     def test_metrics(epoch: int, record: dict) -> None:  # per-epoch ACC (and ASR) on 2000 test images
@@ -79,11 +86,12 @@ def train_model(
         record.update({f"test_{k}": v for k, v in m.items()})
 
     t0 = time.perf_counter()
-    hist = fit(model, x, y, cfg, on_epoch=test_metrics, desc=f"train {arch}" + (f" + {attack.name}" if attack else ""),
-               progress=progress)
-    seconds = time.perf_counter() - t0
+    hist = fit(model, x, y, cfg, on_epoch=test_metrics, batch_hook=batch_hook, step_hook=step_hook,
+               desc=f"train {arch}" + (f" + {attack.name}" if attack else ""), progress=progress)
+    seconds = time.perf_counter() - t0 + fit_seconds
     metrics = evaluate(model, data.test_x, data.test_y, attack, cfg.device)
     meta = model_meta(arch, data, attack, cfg, poisoned_samples=n_poison, train_seconds=seconds,
+                      attack_fit_seconds=fit_seconds,
                       train_history=hist.epochs, test_metrics=metrics)
     return model, meta
 
@@ -108,10 +116,8 @@ def run_defense(
     monitor_size: int = 2000,
 ) -> tuple[nn.Module, DefenseReport, dict[str, Any]]:
     """Evaluate, defend, evaluate again. Returns (repaired model, report, results dict)."""
-    if defense not in DEFENSES:
-        raise UserError(f"unknown defense {defense!r}; known: {', '.join(sorted(DEFENSES))}")
     overrides = {"hflip": data.hflip, "device": device, **(overrides or {})}
-    cfg = make_config(preset, **overrides)
+    cfg = make_defense_config(defense, preset, **overrides)
     before = evaluate(model, data.test_x, data.test_y, attack, device)
     sub = torch.arange(min(monitor_size, len(data.test_y)))
 
@@ -120,8 +126,8 @@ def run_defense(
         return {f"test_{k}": v for k, v in r.items()}
 
     t0 = time.perf_counter()
-    repaired, report = DEFENSES[defense](model, data.train_x[clean_idx], data.train_y[clean_idx], cfg,
-                                         monitor=monitor if monitor_size else None, progress=progress)
+    repaired, report = run_defense_fn(defense, model, data.train_x[clean_idx], data.train_y[clean_idx], cfg,
+                                      monitor=monitor if monitor_size else None, progress=progress)
     seconds = time.perf_counter() - t0
     after = evaluate(repaired, data.test_x, data.test_y, attack, device)
     results = {

@@ -77,6 +77,8 @@ def fit(
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     lr_scale: Callable[[str], float] | None = None,
     on_epoch: Callable[[int, dict], bool | None] | None = None,
+    batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    step_hook: Callable[[], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> History:
@@ -86,6 +88,9 @@ def fit(
     ``penalty(x, logits)`` adds a differentiable term to the loss at each step.
     ``lr_scale(param_name)`` multiplies the learning rate of each parameter (default 1).
     ``on_epoch(epoch, record)`` is called after each epoch; returning True stops training.
+    ``batch_hook(x, y) -> (x, y)`` rewrites each (augmented, float, on-device) batch before the
+    forward pass: training-time attacks (WaNet, Input-aware, BPP, Blind) poison batches here.
+    ``step_hook()`` runs after each optimiser step (e.g. to step an attack's own generator).
     Each epoch's record holds the mean loss, the running training accuracy, the learning rate
     and the seconds taken, plus whatever ``on_epoch`` adds to it.
     """
@@ -111,13 +116,15 @@ def fit(
         if cfg.freeze_bn:
             _set_bn_eval(model)
         order = torch.randperm(n, generator=gen)
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, seen = 0.0, 0, 0
         for i in range(steps):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb = to_float(x[idx])
             if cfg.augment:
                 xb = augment(xb, hflip=cfg.hflip, generator=gen)
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            if batch_hook is not None:
+                xb, yb = batch_hook(xb, yb)
             with torch.autocast(device.type, enabled=use_amp):
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
@@ -131,13 +138,16 @@ def fit(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            loss_sum += loss.item() * len(idx)
+            if step_hook is not None:
+                step_hook()
+            loss_sum += loss.item() * len(yb)
             correct += (out.argmax(1) == yb).sum().item()
+            seen += len(yb)
             bar.update(1)
         record = {
             "epoch": epoch,
-            "loss": loss_sum / n,
-            "train_acc": correct / n,
+            "loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
             "lr": opt.param_groups[-1]["lr"],
             "seconds": time.perf_counter() - t0,
         }

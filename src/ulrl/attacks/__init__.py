@@ -5,10 +5,9 @@ this package is imported here, which registers it."""
 import importlib
 import pkgutil
 
-from .base import ATTACKS, Attack, build_attack, parse_attack_spec, register_attack
+from .base import ATTACKS, Attack, FitContext, build_attack, parse_attack_spec, register_attack
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in ("base", "patterns"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+    importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["ATTACKS", "Attack", "build_attack", "parse_attack_spec", "register_attack"]
+__all__ = ["ATTACKS", "Attack", "FitContext", "build_attack", "parse_attack_spec", "register_attack"]

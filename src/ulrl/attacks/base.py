@@ -3,17 +3,29 @@
 An attack is a typed dataclass (its spec). It knows how to trigger a batch of images
 (:meth:`Attack.apply_trigger`, float images in [0, 1]), which label a triggered image should get
 (:meth:`Attack.target_labels`), and how to poison a training set (:meth:`Attack.poison_train`).
-Attacks with a fitted component fit it in :meth:`Attack.prepare` and expose it through
-:meth:`Attack.state_tensors` so it is saved with the checkpoint.
+
+Two optional extensions cover the rest of the field:
+
+- **Fitted components** (a perturbation, an encoder, a generator): fitted in
+  :meth:`Attack.prepare`, which receives the clean training set and a :class:`FitContext`
+  (a factory for fresh models of the victim's architecture, the device, progress). The component
+  is exposed through :meth:`Attack.state_tensors` / :meth:`Attack.load_state_tensors`, saved in
+  the checkpoint, and re-used bit for bit at evaluation time.
+- **Training-time control** (WaNet, Input-aware, BPP, Blind): :meth:`Attack.training_hooks`
+  returns ``(batch_hook, step_hook)`` for the one training loop, :func:`ulrl.train.fit`; the
+  batch hook poisons each augmented batch on the fly, the step hook steps the attack's own
+  optimiser (e.g. a trigger generator trained with the classifier).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import UserError
 
@@ -25,12 +37,28 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
+BatchHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepHook = Callable[[], None]
+
+
+@dataclass
+class FitContext:
+    """What :meth:`Attack.prepare` may use besides the clean training data."""
+
+    make_model: Callable[[], nn.Module] | None = None  # a fresh, untrained model of the victim's architecture
+    device: str = "cpu"
+    progress: bool = True
+    hflip: bool = True  # whether a horizontal flip is a label-preserving augmentation of this data
+    seed: int = 0
+
+
 @dataclass
 class Attack:
     """Fields common to every attack. Subclasses add their own trigger parameters."""
 
     name: ClassVar[str] = "attack"
-    clean_label: ClassVar[bool] = False
+    clean_label: ClassVar[bool] = False  # poisons only target-class images and never changes labels
+    fitted: ClassVar[bool] = False  # prepare() fits a component saved with the checkpoint
 
     target: int = 0  # the attacker's class (all-to-one)
     mode: str = "all2one"  # "all2one" or "all2all" (label y -> (y + 1) mod K)
@@ -56,8 +84,12 @@ class Attack:
             return (y + 1) % self.num_classes
         return torch.full_like(y, self.target)
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> None:
-        """Fit whatever the trigger needs (no-op for static triggers)."""
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, ctx: FitContext | None = None) -> None:
+        """Fit whatever the trigger needs on the clean uint8 training set (no-op for static triggers)."""
+
+    def training_hooks(self, model: nn.Module) -> tuple[BatchHook | None, StepHook | None]:
+        """Hooks for :func:`ulrl.train.fit` while the victim ``model`` trains (none for data poisoning)."""
+        return None, None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The fitted component, saved with the checkpoint (empty for static triggers)."""

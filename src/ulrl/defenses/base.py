@@ -1,29 +1,77 @@
 """The defense interface: (model, clean images, clean labels, config) -> (repaired model, report).
 
-A defense never sees poisoned data or the trigger. ``monitor`` is an optional callback from the
-harness (e.g. test ACC/ASR after each epoch) whose values are only recorded in the report for
-plots; a defense must not base any decision on it.
+A defense is a function ``run(model, x, y, config, monitor=None, progress=True)`` registered with
+its typed config dataclass and named presets::
+
+    @register_defense("ft", FTConfig, presets={"default": {}})
+    def fine_tune(model, x, y, config, monitor=None, progress=True): ...
+
+It returns a new model (the input is never modified) and a :class:`DefenseReport`. A defense
+never sees poisoned data or the trigger. ``monitor`` is an optional callback from the harness
+(e.g. test ACC/ASR after each epoch) whose values are only recorded in the report for plots; a
+defense must not base any decision on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 Monitor = Callable[[nn.Module], dict[str, float]]
-DEFENSES: dict[str, Callable[..., tuple[nn.Module, DefenseReport]]] = {}
 
 
-def register_defense(name: str):
+@dataclass
+class DefenseEntry:
+    run: Callable[..., tuple[nn.Module, DefenseReport]]
+    config: type
+    presets: dict[str, dict[str, Any]]
+
+
+DEFENSES: dict[str, DefenseEntry] = {}
+
+
+def register_defense(name: str, config: type, presets: dict[str, dict[str, Any]] | None = None):
+    """Register ``run`` under ``name`` with its config dataclass; ``presets`` map a preset name to
+    overrides of the config's defaults (a ``default`` preset, the config's defaults, always exists)."""
+
     def deco(fn):
-        DEFENSES[name] = fn
+        DEFENSES[name] = DefenseEntry(fn, config, {"default": {}, **(presets or {})})
         return fn
 
     return deco
+
+
+def defense_entry(name: str) -> DefenseEntry:
+    if name not in DEFENSES:
+        raise UserError(f"unknown defense {name!r}; known: {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[name]
+
+
+def make_defense_config(name: str, preset: str = "default", **overrides: Any):
+    """The config of defense ``name``: its preset, then ``overrides`` (unknown keys are user errors)."""
+    entry = defense_entry(name)
+    if preset not in entry.presets:
+        raise UserError(f"unknown {name} preset {preset!r}; known: {', '.join(entry.presets)}")
+    known = {f.name for f in fields(entry.config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown {name} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return entry.config(**{**entry.presets[preset], **overrides})
+
+
+def run_defense_fn(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config=None,
+                   monitor: Monitor | None = None, progress: bool = True) -> tuple[nn.Module, DefenseReport]:
+    """Run defense ``name`` (config: its dataclass, or None for the default preset)."""
+    if len(y) == 0:
+        raise UserError("the clean set is empty; give at least one clean image per class")
+    entry = defense_entry(name)
+    return entry.run(model, x, y, config or make_defense_config(name), monitor=monitor, progress=progress)
 
 
 @dataclass
@@ -39,10 +87,11 @@ class DefenseReport:
     second_look_z_scores: list[float] = field(default_factory=list)  # z-scores of the masked re-run, if any
     unlearn_epochs: int = 0
     unlearn_history: list[dict] = field(default_factory=list)
-    relearn_history: list[dict] = field(default_factory=list)
+    relearn_history: list[dict] = field(default_factory=list)  # per-epoch records of the final fine-tuning
     selected_epoch: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # defense-specific findings (pruned channels, trigger norms, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
