@@ -74,7 +74,7 @@ def fit(
     cfg: TrainConfig,
     *,
     ascent: bool = False,
-    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    penalty: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     lr_scale: Callable[[str], float] | None = None,
     on_epoch: Callable[[int, dict], bool | None] | None = None,
     batch_hook: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -85,7 +85,7 @@ def fit(
     """Train ``model`` in place on images ``x`` (uint8 or float in [0, 1]) and labels ``y``.
 
     ``ascent`` maximises the cross-entropy instead of minimising it (unlearning).
-    ``penalty(x, logits)`` adds a differentiable term to the loss at each step.
+    ``penalty(x, logits, y)`` adds a differentiable term to the loss at each step.
     ``lr_scale(param_name)`` multiplies the learning rate of each parameter (default 1).
     ``on_epoch(epoch, record)`` is called after each epoch; returning True stops training.
     ``batch_hook(x, y) -> (x, y)`` rewrites each (augmented, float, on-device) batch before the
@@ -130,7 +130,7 @@ def fit(
                 loss = F.cross_entropy(out, yb)
             objective = -loss if ascent else loss
             if penalty is not None:
-                objective = objective + penalty(xb, out)
+                objective = objective + penalty(xb, out, yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             if cfg.grad_clip is not None:

@@ -182,13 +182,13 @@ def with_distillation(penalty, teacher: nn.Module, flagged: list[int], beta: flo
     teacher is the original model, a good classifier on clean images for every class but the flagged."""
     teacher = teacher.eval().requires_grad_(False)
 
-    def total(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def total(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x)
         keep = torch.ones(out.shape[1], dtype=torch.bool, device=out.device)
         keep[flagged] = False
         kd = F.kl_div(F.log_softmax(out[:, keep], 1), F.log_softmax(t[:, keep], 1), log_target=True, reduction="batchmean")
-        return beta * kd + (penalty(x, out) if penalty is not None else 0.0)
+        return beta * kd + (penalty(x, out, y) if penalty is not None else 0.0)
 
     return total
 
