@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +34,9 @@ def _ratio(text: str) -> float:
 
 def _overrides(items: list[str] | None, defense: str = "ulrl") -> dict[str, Any]:
     """``--set alpha=0.1 --set freeze_bn=false`` -> typed overrides of the defense's config."""
-    from .defenses.base import defense_entry
+    from .defenses.base import parse_overrides
 
-    types = {f.name: f.type for f in fields(defense_entry(defense).config)}
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in types:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
-        kind = str(types[key])
-        try:
-            if kind.startswith("bool"):
-                out[key] = value.lower() in ("1", "true", "yes", "on")
-            elif kind.startswith("int"):
-                out[key] = int(value)
-            elif kind.startswith("float"):
-                out[key] = float(value)
-            elif kind.startswith("tuple"):
-                out[key] = tuple(int(v) for v in value.split(",") if v)
-            else:
-                out[key] = None if value.lower() == "none" else value
-        except ValueError:
-            raise UserError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
-    return out
+    return parse_overrides(items or [], defense)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None, help="attack spec (default: the one in the checkpoint's sidecar)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
+
+    p = sub.add_parser("bench", help="run a resumable grid of datasets x models x attacks x defenses x ratios x seeds")
+    p.add_argument("--config", default=None, help="grid file (YAML or JSON) with the axes datasets, models, attacks, defenses, clean_ratios, seeds")
+    p.add_argument("--preset", default=None, help="a built-in grid, e.g. fashion-mnist-cpu")
+    p.add_argument("--out", required=True, help="results directory (reused: finished cells are skipped)")
+    for axis, help_ in (("datasets", "dataset names or directories"), ("models", "model names"),
+                        ("attacks", "attack specs ('none' for a clean model)"),
+                        ("defenses", "defense specs NAME[@PRESET][:key=value,...]")):
+        p.add_argument(f"--{axis}", nargs="+", default=None, help=help_)
+    p.add_argument("--clean-ratios", nargs="+", type=_ratio, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="poisoned-training epochs (default 5)")
+    p.add_argument("--data-dir", default=None, help="directory of the (single) dataset, if not in its standard place")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="in-process (default) or Ray tasks")
+    p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start a local instance)")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs a Ray task asks for (GPU runs ask for one GPU)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("report", help="tables and plots of a benchmark results directory")
+    p.add_argument("results", help="results directory written by ulrl bench")
+    p.add_argument("--out", default=None, help="where to write (default RESULTS/report)")
+    p.add_argument("--name", default="report", help="name of the Markdown file and of its asset folder")
+    p.add_argument("--header", default="", help="Markdown text put above the tables (e.g. the command and machine)")
 
     sub.add_parser("models", help="list model names")
     sub.add_parser("attacks", help="list attack names")
@@ -243,6 +245,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import load_grid, run_grid
+
+    if args.config and args.preset:
+        raise UserError("give either --config FILE or --preset NAME, not both")
+    overrides = {"datasets": args.datasets, "models": args.models, "attacks": args.attacks, "defenses": args.defenses,
+                 "clean_ratios": args.clean_ratios, "seeds": args.seeds, "epochs": args.epochs, "device": args.device}
+    grid = load_grid(args.config, args.preset, **overrides)
+    if args.data_dir:
+        grid.data_dirs = {**grid.data_dirs, **{d: args.data_dir for d in grid.datasets}}
+    s = run_grid(grid, args.out, args.executor, args.ray_address, args.cpus_per_cell, not args.no_progress)
+    print(f"bench: {s.models_trained} models trained, {s.cells_run} cells run, {s.cells_skipped} already done, "
+          f"{len(s.failures)} failed, {s.seconds:.0f} s; results in {args.out}/cells (ulrl report {args.out})")
+    for f in s.failures:
+        print(f"  failed: {f}", file=sys.stderr)
+    return 1 if s.failures else 0
+
+
+def cmd_report(args) -> int:
+    from .bench import collect
+    from .report import write_report
+
+    records = collect(args.results)
+    md = write_report(records, args.out or Path(args.results) / "report", args.name, args.header)
+    print(f"{len(records)} cells; wrote {md} with its tables and plots in {md.with_suffix('')}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -259,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         from .defenses import DEFENSES
         print("\n".join(sorted(DEFENSES)))
         return 0
-    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate}
+    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate,
+                "bench": cmd_bench, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except UserError as e:

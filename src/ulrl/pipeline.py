@@ -114,11 +114,13 @@ def run_defense(
     device: str = "cpu",
     progress: bool = True,
     monitor_size: int = 2000,
+    before: dict[str, float] | None = None,
 ) -> tuple[nn.Module, DefenseReport, dict[str, Any]]:
-    """Evaluate, defend, evaluate again. Returns (repaired model, report, results dict)."""
+    """Evaluate (unless ``before`` is given), defend, evaluate again. Returns (repaired model, report, results)."""
     overrides = {"hflip": data.hflip, "device": device, **(overrides or {})}
     cfg = make_defense_config(defense, preset, **overrides)
-    before = evaluate(model, data.test_x, data.test_y, attack, device)
+    if before is None:
+        before = evaluate(model, data.test_x, data.test_y, attack, device)
     sub = torch.arange(min(monitor_size, len(data.test_y)))
 
     def monitor(m: nn.Module) -> dict[str, float]:

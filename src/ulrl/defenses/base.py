@@ -65,6 +65,32 @@ def make_defense_config(name: str, preset: str = "default", **overrides: Any):
     return entry.config(**{**entry.presets[preset], **overrides})
 
 
+def parse_overrides(items: list[str], name: str) -> dict[str, Any]:
+    """``["alpha=0.1", "freeze_bn=false"]`` -> typed overrides of defense ``name``'s config."""
+    types = {f.name: str(f.type) for f in fields(defense_entry(name).config)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise UserError(f"{name} option {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = types[key]
+        try:
+            if kind.startswith("bool"):
+                out[key] = value.lower() in ("1", "true", "yes", "on")
+            elif kind.startswith("int"):
+                out[key] = int(value)
+            elif kind.startswith("float"):
+                out[key] = float(value)
+            elif kind.startswith("tuple"):
+                out[key] = tuple(int(v) for v in value.replace(",", "/").split("/") if v)  # 10/20 or 10,20
+            else:
+                out[key] = None if value.lower() == "none" else value
+        except ValueError:
+            raise UserError(f"{name} option {item!r}: {value!r} is not a valid {kind}") from None
+    return out
+
+
 def run_defense_fn(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config=None,
                    monitor: Monitor | None = None, progress: bool = True) -> tuple[nn.Module, DefenseReport]:
     """Run defense ``name`` (config: its dataclass, or None for the default preset)."""
