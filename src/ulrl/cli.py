@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs a Ray task asks for (GPU runs ask for one GPU)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    p = sub.add_parser("zoo", help="train one poisoned model per attack, run ULRL on each, write the attack table and trigger pictures")
+    p.add_argument("--out", default="runs/zoo", help="results directory (resumable; default runs/zoo)")
+    p.add_argument("--attacks", nargs="+", default=None, help="attack specs (default: every registered attack)")
+    p.add_argument("--arch", default="cnn-small")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--doc", default=None, help="Markdown file whose zoo table to (re)write, e.g. docs/attacks.md")
+    p.add_argument("--image", default=None, help="PNG of one clean and one triggered example per attack, e.g. docs/img/triggers.png")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    _add_common(p)
+
     p = sub.add_parser("report", help="tables and plots of a benchmark results directory")
     p.add_argument("results", help="results directory written by ulrl bench")
     p.add_argument("--out", default=None, help="where to write (default RESULTS/report)")
@@ -263,6 +273,16 @@ def cmd_bench(args) -> int:
     return 1 if s.failures else 0
 
 
+def cmd_zoo(args) -> int:
+    from .zoo import run_zoo, table_markdown
+
+    command = "ulrl " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else "ulrl zoo"
+    rows = run_zoo(args.out, args.doc, args.image, args.data, args.arch, args.attacks, args.seed, args.epochs,
+                   args.data_dir, command, args.executor, not args.no_progress)
+    print(table_markdown(rows))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .bench import collect
     from .report import write_report
@@ -290,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sorted(DEFENSES)))
         return 0
     handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate,
-                "bench": cmd_bench, "report": cmd_report}
+                "bench": cmd_bench, "report": cmd_report, "zoo": cmd_zoo}
     try:
         return handlers[args.command](args)
     except UserError as e:
