@@ -150,7 +150,7 @@ def run_defense(
 
 def write_defense_outputs(out: Path, repaired: nn.Module, meta: dict, report: DefenseReport, results: dict,
                           clean_idx: torch.Tensor, inputs=(), overwrite: bool = False) -> None:
-    """Repaired checkpoint, report, results, clean indices and the two plots, all written atomically."""
+    """Repaired checkpoint, report, results, clean indices and the plots, all written atomically."""
     ensure_dir(out)
     purified_meta = {**meta, "purified_by": {"defense": results["defense"], "preset": results["preset"],
                                              "config": results["config"]}}
@@ -158,7 +158,8 @@ def write_defense_outputs(out: Path, repaired: nn.Module, meta: dict, report: De
     write_json(out / "clean_indices.json", {"split": "train", "indices": clean_idx.tolist()})
     write_json(out / "report.json", report.to_dict())
     write_json(out / "results.json", results)
-    plot_scores(report, out / "neuron_scores.png")
+    if report.defense == "ulrl":  # the per-neuron score plot is ULRL's own
+        plot_scores(report, out / "neuron_scores.png")
     plot_curves(report, out / "curves.png")
 
 

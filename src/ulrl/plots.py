@@ -46,8 +46,12 @@ def plot_scores(report: DefenseReport, path: str | Path) -> None:
 
 def plot_curves(report: DefenseReport, path: str | Path) -> None:
     """Accuracy (and ASR, when the harness monitored it) per epoch of both phases."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
-    for ax, hist, title in ((axes[0], report.unlearn_history, "unlearning"), (axes[1], report.relearn_history, "relearning")):
+    phases = [(report.unlearn_history, "unlearning"), (report.relearn_history, "relearning")]
+    if report.defense != "ulrl":  # other defenses: one panel, their final fine-tuning
+        phases = [(report.relearn_history, f"{report.defense}: fine-tuning")]
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (hist, title) in zip(axes, phases, strict=True):
         epochs = [r["epoch"] for r in hist]
         for key, label in (("train_acc", "clean-set accuracy (running)"), ("heldout_acc", "held-out accuracy"),
                            ("test_acc", "test ACC"), ("test_asr", "test ASR")):

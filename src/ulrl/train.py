@@ -23,6 +23,7 @@ class TrainConfig:
     """Optimiser, schedule and batching for one call of :func:`fit`."""
 
     epochs: int = 10
+    optimizer: str = "sgd"  # "sgd" | "adam" (Adam ignores momentum; I-BAU and SAU use it)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -31,6 +32,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # for "step"
     gamma: float = 0.1  # for "step"
     grad_clip: float | None = None  # max global gradient norm
+    sam_rho: float = 0.0  # > 0: sharpness-aware minimisation (SAM) with this radius (two passes per step)
+    sam_adaptive: bool = False  # adaptive SAM (ASAM): perturbation scaled elementwise by |w|
     augment: bool = True  # random crop with padding (+ flip when the data allows it)
     hflip: bool = True
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (eval mode)
@@ -67,6 +70,36 @@ def _set_bn_eval(model: nn.Module) -> None:
             m.eval()
 
 
+@torch.no_grad()
+def _sam_perturb(params: list[nn.Parameter], rho: float, adaptive: bool) -> list[torch.Tensor]:
+    """Move each weight to ``w + e`` with ``e = rho * T^2 g / ||T g||`` (T = |w| for ASAM, else 1),
+    the worst case within radius ``rho`` to first order. Returns the weights ``w``, to restore."""
+    originals = [p.detach().clone() for p in params]
+    grads = [(p, p.grad) for p in params if p.grad is not None]
+    if grads:
+        norm = torch.norm(torch.stack([((p.abs() if adaptive else 1.0) * g).norm(2) for p, g in grads]))
+        for p, g in grads:
+            p.add_((p.pow(2) if adaptive else 1.0) * g * (rho / (norm + 1e-12)))
+    return originals
+
+
+class _FrozenBNStats:
+    """Context: BatchNorm running statistics are left as they were by SAM's second forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+
+    def __exit__(self, *_) -> None:
+        for m, (momentum, tracked) in zip(self.bns, self.saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -91,6 +124,9 @@ def fit(
     ``batch_hook(x, y) -> (x, y)`` rewrites each (augmented, float, on-device) batch before the
     forward pass: training-time attacks (WaNet, Input-aware, BPP, Blind) poison batches here.
     ``step_hook()`` runs after each optimiser step (e.g. to step an attack's own generator).
+    With ``cfg.sam_rho > 0`` each step is a SAM step (Foret et al. 2021; adaptive: Kwon et al. 2021):
+    the gradient is taken again (objective, penalty included) at the perturbed weights ``w + e``,
+    the weights are restored and the optimiser steps with that second gradient.
     Each epoch's record holds the mean loss, the running training accuracy, the learning rate
     and the seconds taken, plus whatever ``on_epoch`` adds to it.
     """
@@ -100,7 +136,12 @@ def fit(
     params = [p for _, p in named]
     scales = sorted({lr_scale(k) for k, _ in named}) if lr_scale else [1.0]
     groups = [{"params": [p for k, p in named if (lr_scale(k) if lr_scale else 1.0) == s], "lr": cfg.lr * s} for s in scales]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
     sched = make_scheduler(opt, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -108,6 +149,17 @@ def fit(
     n = len(y)
     steps = math.ceil(n / cfg.batch_size)
     hist = History()
+
+    def forward(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, cross-entropy and the objective that is minimised (ascent and penalty applied)."""
+        with torch.autocast(device.type, enabled=use_amp):
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+        objective = -loss if ascent else loss
+        if penalty is not None:
+            objective = objective + penalty(xb, out, yb)
+        return out, loss, objective
+
     start = time.perf_counter()
     bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=not progress, leave=False, unit="step")
     for epoch in range(1, cfg.epochs + 1):
@@ -125,14 +177,17 @@ def fit(
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             if batch_hook is not None:
                 xb, yb = batch_hook(xb, yb)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-            objective = -loss if ascent else loss
-            if penalty is not None:
-                objective = objective + penalty(xb, out, yb)
+            out, loss, objective = forward(xb, yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
+            if cfg.sam_rho > 0:  # second pass at the sharpness-aware point, then back to w
+                originals = _sam_perturb(params, cfg.sam_rho, cfg.sam_adaptive)
+                opt.zero_grad(set_to_none=True)
+                with _FrozenBNStats(model):
+                    scaler.scale(forward(xb, yb)[2]).backward()
+                with torch.no_grad():
+                    for p, w in zip(params, originals, strict=True):
+                        p.copy_(w)
             if cfg.grad_clip is not None:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -83,7 +83,8 @@ def parse_overrides(items: list[str], name: str) -> dict[str, Any]:
             elif kind.startswith("float"):
                 out[key] = float(value)
             elif kind.startswith("tuple"):
-                out[key] = tuple(int(v) for v in value.replace(",", "/").split("/") if v)  # 10/20 or 10,20
+                item_type = int if "int" in kind else float if "float" in kind else str
+                out[key] = tuple(item_type(v) for v in value.replace(",", "/").split("/") if v)  # 10/20 or 10,20
             else:
                 out[key] = None if value.lower() == "none" else value
         except ValueError:
