@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..data.transforms import augment, to_float
 from ..errors import UserError
-from .base import DefenseReport, Monitor, register_defense
+from .base import CommonConfig, DefenseReport, Monitor, register_defense
 
 
 # --- BatchNorm channel masks (shared with RNP) ---------------------------------------------------
@@ -159,7 +159,17 @@ def mask_summary(masks: BNMasks, flat: torch.Tensor) -> dict:
 
 # --- ANP ------------------------------------------------------------------------------------------
 @dataclass
-class ANPConfig:
+class PruneConfig(CommonConfig):
+    """How ANP and RNP prune the original model's BatchNorm channels from their learned masks."""
+
+    prune_by: str = "threshold"  # "threshold" | "fraction"
+    prune_threshold: float = 0.2
+    prune_fraction: float = 0.05
+    prune_bias: bool = False  # also zero the BatchNorm bias of pruned channels (reference: weight only)
+
+
+@dataclass
+class ANPConfig(PruneConfig):
     # Mask optimisation under adversarial neuron perturbation
     anp_eps: float = 0.4  # bound of the multiplicative neuron perturbations
     anp_steps: int = 1  # signed-gradient ascent steps on the perturbations per iteration
@@ -169,17 +179,6 @@ class ANPConfig:
     mask_momentum: float = 0.9
     iterations: int = 200  # reference: 2000 (the "paper" preset)
     eval_every: int = 50  # iterations between two records (and monitor calls)
-    # Pruning of the original model
-    prune_by: str = "threshold"  # "threshold" | "fraction"
-    prune_threshold: float = 0.2
-    prune_fraction: float = 0.05
-    prune_bias: bool = False  # also zero the BatchNorm bias of pruned channels (reference: weight only)
-    # Shared settings
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.anp_eps < 0 or not 0.0 <= self.anp_alpha <= 1.0:

@@ -27,6 +27,17 @@ Monitor = Callable[[nn.Module], dict[str, float]]
 
 
 @dataclass
+class CommonConfig:
+    """Fields every defense's config has; the harness sets ``hflip``, ``seed`` and ``device``."""
+
+    batch_size: int = 128
+    augment: bool = True  # the dataset's usual augmentation (random crop, flip where it makes sense)
+    hflip: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
 class DefenseEntry:
     run: Callable[..., tuple[nn.Module, DefenseReport]]
     config: type

@@ -44,26 +44,16 @@ from ..data.transforms import to_float
 from ..errors import UserError
 from ..metrics import accuracy
 from .base import DefenseReport, Monitor, register_defense
-from .ft import check_common, finetune, start, train_config
+from .ft import FTConfig, finetune, start, train_config
 
 
 @dataclass
-class FPConfig:
+class FPConfig(FTConfig):  # the FTConfig fields set the fine-tuning after pruning
     acc_ratio: float = 0.1  # largest tolerated relative drop of clean-set accuracy while pruning
     prune_step: float = 0.01  # fraction of the channels pruned per step (BackdoorBench once_prune_ratio)
-    epochs: int = 20  # fine-tuning after pruning
-    lr: float = 0.01
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         if not 0.0 <= self.acc_ratio <= 1.0:
             raise UserError(f"acc_ratio must be in [0, 1], got {self.acc_ratio}")
         if not 0.0 < self.prune_step <= 1.0:

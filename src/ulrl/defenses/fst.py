@@ -32,26 +32,18 @@ from torch import nn
 from ..errors import UserError
 from ..models import find_classifier
 from .base import DefenseReport, Monitor, register_defense
-from .ft import check_common, finetune, start, train_config
+from .ft import FTConfig, finetune, start, train_config
 
 
 @dataclass
-class FSTConfig:
+class FSTConfig(FTConfig):
     alpha: float = 0.2  # weight of the inner-product penalty <W, W_original>
     layer: str | None = None  # the head; default: the last nn.Linear
     epochs: int = 10
-    lr: float = 0.01
-    schedule: str = "cosine"
-    momentum: float = 0.9
     weight_decay: float = 0.0
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         if self.alpha < 0:
             raise UserError(f"alpha must be >= 0, got {self.alpha}")
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..train import TrainConfig, fit
-from .base import DefenseReport, Monitor, register_defense
+from .base import CommonConfig, DefenseReport, Monitor, register_defense
 
 # TrainConfig fields that every fine-tuning defense's config carries under the same name.
 SHARED_FIELDS = ("epochs", "lr", "schedule", "momentum", "weight_decay", "batch_size", "augment", "hflip",
@@ -33,17 +33,14 @@ SHARED_FIELDS = ("epochs", "lr", "schedule", "momentum", "weight_decay", "batch_
 
 
 @dataclass
-class FTConfig:
+class FTConfig(CommonConfig):
+    """Plain fine-tuning; also the base of every defense that ends in a fine-tuning (FP, FT-SAM, NAD, FST)."""
+
     epochs: int = 20
     lr: float = 0.01
     schedule: str = "cosine"  # "cosine" | "step" | "constant"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_common(self)

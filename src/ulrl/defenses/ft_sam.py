@@ -30,27 +30,17 @@ from torch import nn
 
 from ..errors import UserError
 from .base import DefenseReport, Monitor, register_defense
-from .ft import check_common, finetune, start, train_config
+from .ft import FTConfig, finetune, start, train_config
 
 
 @dataclass
-class FTSAMConfig:
-    epochs: int = 20
-    lr: float = 0.01
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
+class FTSAMConfig(FTConfig):
     rho: float = 2.0  # SAM radius (BackdoorBench: 2 for CIFAR-10, 8 for GTSRB / Tiny-ImageNet)
     adaptive: bool = True  # ASAM: perturbation scaled elementwise by |w|
     label_smoothing: float = 0.1
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         if self.rho < 0:
             raise UserError(f"rho must be >= 0, got {self.rho}")
         if not 0.0 <= self.label_smoothing < 1.0:

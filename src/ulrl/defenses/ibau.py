@@ -57,11 +57,11 @@ from ..data.transforms import to_float
 from ..errors import UserError
 from ..models import NormalizedModel
 from ..train import TrainConfig, fit
-from .base import DefenseReport, Monitor, register_defense
+from .base import CommonConfig, DefenseReport, Monitor, register_defense
 
 
 @dataclass
-class IBAUConfig:
+class IBAUConfig(CommonConfig):
     # Outer minimisation (the model's weights, through fit)
     lr: float = 0.001
     optimizer: str = "adam"
@@ -77,9 +77,6 @@ class IBAUConfig:
     # Shared settings
     batch_size: int = 100
     augment: bool = False
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.n_rounds < 0 or self.K < 0 or self.batch_size < 1:

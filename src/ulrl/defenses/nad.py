@@ -39,32 +39,24 @@ from torch import nn
 from ..data.transforms import to_float
 from ..errors import UserError
 from .base import DefenseReport, Monitor, register_defense
-from .ft import check_common, finetune, start, train_config
+from .ft import FTConfig, finetune, start, train_config
 
 
 @dataclass
-class NADConfig:
+class NADConfig(FTConfig):  # the FTConfig fields set the student's attention distillation
     # Teacher: plain fine-tuning of a copy
     teacher_epochs: int = 10
     teacher_lr: float = 0.01
     # Student: attention distillation
     epochs: int = 10
-    lr: float = 0.01
     schedule: str = "constant"
     milestones: tuple[int, ...] = ()  # for schedule "step"
     betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)  # one per layer, shallowest first
     p: float = 2.0  # attention map: sum over channels of |activation|^p
     layers: tuple[str, ...] = ()  # module names to distil at; empty: chosen automatically
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_common(self)
+        super().__post_init__()
         self.betas = tuple(float(b) for b in self.betas)
         self.layers = tuple(self.layers)
         if not self.betas or min(self.betas) < 0:

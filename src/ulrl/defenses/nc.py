@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from ..data.transforms import to_float
 from ..errors import UserError
 from ..train import TrainConfig, fit
-from .base import DefenseReport, Monitor, make_defense_config, register_defense
+from .base import CommonConfig, DefenseReport, Monitor, make_defense_config, register_defense
 from .ulrl import mad_outliers
 
 
 @dataclass
-class NCConfig:
+class NCConfig(CommonConfig):
     # Reverse engineering: one Adam optimisation per class
     reverse_lr: float = 0.1
     reverse_batch_size: int = 16  # reference: 32
@@ -76,11 +76,6 @@ class NCConfig:
     epochs: int = 20
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.unlearn_ratio <= 1.0:

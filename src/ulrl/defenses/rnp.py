@@ -48,12 +48,12 @@ from tqdm.auto import tqdm
 from ..data.transforms import augment, to_float
 from ..errors import UserError
 from ..train import TrainConfig, fit
-from .anp import BNMasks, mask_summary, prune_channels, select_pruned
+from .anp import BNMasks, PruneConfig, mask_summary, prune_channels, select_pruned
 from .base import DefenseReport, Monitor, register_defense
 
 
 @dataclass
-class RNPConfig:
+class RNPConfig(PruneConfig):
     # Unlearning (gradient ascent on the clean set)
     unlearn_lr: float = 0.01
     unlearn_epochs: int = 20
@@ -68,17 +68,6 @@ class RNPConfig:
     recover_momentum: float = 0.9
     recover_epochs: int = 20
     alpha: float = 0.2  # the recovering loss is alpha * CE
-    # Pruning of the original model
-    prune_by: str = "threshold"  # "threshold" | "fraction"
-    prune_threshold: float = 0.2
-    prune_fraction: float = 0.05
-    prune_bias: bool = False  # also zero the BatchNorm bias of pruned channels (reference: weight only)
-    # Shared settings
-    batch_size: int = 128
-    augment: bool = True
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.unlearn_epochs < 0 or self.recover_epochs < 0 or self.batch_size < 1:

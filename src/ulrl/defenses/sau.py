@@ -43,11 +43,11 @@ from torch import nn
 
 from ..errors import UserError
 from ..train import TrainConfig, fit
-from .base import DefenseReport, Monitor, register_defense
+from .base import CommonConfig, DefenseReport, Monitor, register_defense
 
 
 @dataclass
-class SAUConfig:
+class SAUConfig(CommonConfig):
     # Unlearning (the model's weights, through fit)
     lr: float = 1e-3  # reference: 1e-4 with 100 rounds (the "paper" preset)
     optimizer: str = "adam"
@@ -66,9 +66,6 @@ class SAUConfig:
     # Shared settings
     batch_size: int = 256
     augment: bool = False
-    hflip: bool = True
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.n_rounds < 0 or self.pgd_steps < 0 or self.batch_size < 1:
