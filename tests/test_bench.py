@@ -127,3 +127,10 @@ def test_grid_through_local_ray(tmp_path):
     recs = collect(tmp_path / "res")
     assert {r["attack"] for r in recs} == {"badnets:patch_size=2", "none"}
     assert run_grid(grid, tmp_path / "res", executor="ray", progress=False).cells_skipped == 2
+
+
+def test_missing_dataset_is_one_user_error(tmp_path):
+    grid = Grid(**{**TINY, "datasets": ["fashion-mnist"], "data_dirs": {"fashion-mnist": str(tmp_path / "nowhere")}})
+    with pytest.raises(UserError, match="not found"):
+        run_grid(grid, tmp_path / "res", progress=False)
+    assert not (tmp_path / "res" / "cells").exists()

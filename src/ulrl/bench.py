@@ -315,6 +315,9 @@ def run_grid(grid: Grid, root: str | Path, executor: str = "local", address: str
     root = ensure_dir(root)
     write_json(root / "grid.json", grid.to_dict())
     work = plan(grid)
+    if any(not model_done(j.path(root)) or any(not c.path(root).is_file() for c in cells) for j, cells in work):
+        for name in grid.datasets:  # a missing dataset is one user error, not a failure per cell
+            _dataset(name, grid.data_dirs.get(name))
     if executor == "local":
         return _run_local(work, grid, root, progress)
     if executor == "ray":
