@@ -123,7 +123,24 @@ def test_unlearn_with_masked_class_never_collapses_onto_it(synth):
     _, layer = find_classifier(model)
     cfg = make_config("paper", unlearn_epochs=2)
     shared = dict(batch_size=64, augment=False, hflip=False)
-    scores, hist = unlearn(model, layer, synth.train_x, synth.train_y, cfg, shared, [1], None, False)
+    scores, hist = unlearn(model, layer, synth.train_x, synth.train_y, cfg, shared, [1], False, None, False)
     others = scores[[0, 2, 3]]
     assert scores[1] == others.median()  # the masked class is scored neutrally
     assert len(hist) >= 1
+
+
+def test_each_look_unlearns_in_its_own_batchnorm_mode(synth, monkeypatch):
+    import ulrl.defenses.ulrl as method
+
+    modes, real_fit = [], method.fit
+
+    def recording_fit(model, x, y, cfg, **kw):
+        modes.append((kw.get("ascent", False), cfg.freeze_bn))
+        return real_fit(model, x, y, cfg, **kw)
+
+    monkeypatch.setattr(method, "fit", recording_fit)
+    monkeypatch.setattr(method, "mad_outliers", lambda s, t, cap: ([1], torch.zeros_like(s)))  # one flag: look again
+    model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
+    ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="default", unlearn_epochs=1,
+                relearn_epochs=1, unlearn_freeze_bn=True, second_look_freeze_bn=False, progress=False)
+    assert [m for ascent, m in modes if ascent] == [True, False]  # first look: running stats; second: batch stats

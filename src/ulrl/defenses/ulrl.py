@@ -52,6 +52,7 @@ class ULRLConfig:
     mad_threshold: float = 3.5
     max_neurons: int = 2
     second_look: bool = False  # unlearn again with the flagged classes masked; flag that collapse too
+    second_look_freeze_bn: bool = False  # BatchNorm statistics fixed during the second look
     # Phase 2: relearning with the cosine-similarity penalty
     relearn_lr: float = 0.005
     relearn_epochs: int = 20
@@ -124,8 +125,9 @@ class _MaskLogits(nn.Module):
 
 
 def unlearn(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: ULRLConfig, shared: dict,
-            masked: list[int], monitor: Monitor | None, progress: bool) -> tuple[torch.Tensor, list[dict]]:
-    """Gradient ascent on the clean set until an epoch's accuracy is <= the clean threshold.
+            masked: list[int], freeze_bn: bool, monitor: Monitor | None, progress: bool) -> tuple[torch.Tensor, list[dict]]:
+    """Gradient ascent on the clean set until an epoch's accuracy is <= the clean threshold
+    (BatchNorm on batch statistics, or on the model's running statistics with ``freeze_bn``).
 
     Returns the per-neuron scores of ``layer`` and the per-epoch history. Classes in ``masked``
     (and their samples) are left out, and their scores are set to the median of the others.
@@ -142,7 +144,7 @@ def unlearn(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor
         return record["train_acc"] <= cfg.clean_threshold
 
     tc = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, schedule="step", milestones=cfg.unlearn_milestones,
-                     grad_clip=cfg.grad_clip, freeze_bn=cfg.unlearn_freeze_bn, **shared)
+                     grad_clip=cfg.grad_clip, freeze_bn=freeze_bn, **shared)
     hist = fit(net, x, y, tc, ascent=True, on_epoch=collapsed, desc="ULRL unlearn", progress=progress)
     scores = neuron_scores(w_before, layer.weight.detach())
     if masked:
@@ -223,7 +225,8 @@ def purify(
 
     # Phase 1: unlearn until the clean accuracy collapses, score the neurons, flag the outliers.
     t0 = time.perf_counter()
-    scores, report.unlearn_history = unlearn(model, layer, x_train, y_train, cfg, shared, [], monitor, progress)
+    scores, report.unlearn_history = unlearn(model, layer, x_train, y_train, cfg, shared, [], cfg.unlearn_freeze_bn,
+                                                 monitor, progress)
     report.unlearn_epochs = len(report.unlearn_history)
     if report.unlearn_history and report.unlearn_history[-1]["train_acc"] > cfg.clean_threshold:
         report.notes.append(f"unlearning did not reach the clean threshold {cfg.clean_threshold} in {cfg.unlearn_epochs} epochs")
@@ -232,7 +235,8 @@ def purify(
         # A network can also collapse onto a "natural attractor" class that is not the backdoor's
         # target. Look again with the flagged classes masked out, and flag that collapse too.
         model.load_state_dict(original_state)
-        scores2, _ = unlearn(model, layer, x_train, y_train, cfg, shared, flagged, None, progress)
+        scores2, _ = unlearn(model, layer, x_train, y_train, cfg, shared, flagged, cfg.second_look_freeze_bn,
+                             None, progress)
         more, z2 = mad_outliers(scores2, cfg.mad_threshold, cfg.max_neurons - len(flagged))
         report.notes.append(f"second look with classes {flagged} masked flagged {more}")
         report.second_look_z_scores = z2.tolist()
