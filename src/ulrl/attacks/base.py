@@ -130,6 +130,21 @@ class Attack:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
+class BatchPoisoningAttack(Attack):
+    """An attack that controls training: it poisons each batch in :meth:`training_hooks` and
+    leaves the stored training set clean."""
+
+    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return x, y, torch.zeros(len(y), dtype=torch.bool)
+
+
+def batch_count(n: int, frac: float, gen: torch.Generator) -> int:
+    """``n * frac`` rounded up or down at random (at most ``n``), so the expected count is ``n * frac``."""
+    exact = n * frac
+    base = int(exact)
+    return min(n, base + int(torch.rand(1, generator=gen).item() < exact - base))
+
+
 def _convert(cls: type[Attack], key: str, value: str) -> Any:
     types = {f.name: f.type for f in fields(cls)}
     if key not in types:

@@ -28,22 +28,16 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Attack, BatchHook, StepHook, register_attack
+from .base import BatchHook, BatchPoisoningAttack, StepHook, batch_count, register_attack
 
 # backdoors101's pattern: 1 = white, 0 = black, -1 = transparent (the image shows through)
 PATTERN = ((1, 0, 1), (-1, 1, -1), (-1, -1, 0), (-1, 1, -1), (1, 0, 1))
 
 
-def batch_count(n: int, frac: float, gen: torch.Generator) -> int:
-    """``n * frac`` rounded up or down at random, so the expected count is exactly ``n * frac``."""
-    exact = n * frac
-    base = int(exact)
-    return base + int(torch.rand(1, generator=gen).item() < exact - base)
-
 
 @register_attack
 @dataclass
-class Blind(Attack):
+class Blind(BatchPoisoningAttack):
     """Loss-computation attack with the backdoors101 pixel pattern; ``rate`` = backdoor loss weight."""
 
     name = "blind"
@@ -74,10 +68,6 @@ class Blind(Attack):
         _, c, h, w = x.shape
         values, mask = (t.to(x) for t in self.pattern(c, h, w))
         return x * (1 - mask) + values * mask
-
-    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The blind attack never touches the data; it changes the loss (see :meth:`training_hooks`)."""
-        return x, y, torch.zeros(len(y), dtype=torch.bool)
 
     def training_hooks(self, model: nn.Module) -> tuple[BatchHook | None, StepHook | None]:
         gen = torch.Generator().manual_seed(self.seed + 1)

@@ -30,17 +30,11 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Attack, BatchHook, StepHook, register_attack
+from .base import BatchHook, BatchPoisoningAttack, StepHook, batch_count, register_attack
 
 # Floyd-Steinberg error diffusion: (row offset, column offset, weight)
 _FS_KERNEL = ((0, 1, 7 / 16), (1, -1, 3 / 16), (1, 0, 5 / 16), (1, 1, 1 / 16))
 
-
-def batch_count(n: int, frac: float, gen: torch.Generator) -> int:
-    """``n * frac`` rounded up or down at random, so the expected count is exactly ``n * frac``."""
-    exact = n * frac
-    base = int(exact)
-    return min(n, base + int(torch.rand(1, generator=gen).item() < exact - base))
 
 
 @lru_cache(maxsize=16)
@@ -92,7 +86,7 @@ def _to_8bit(x: torch.Tensor) -> torch.Tensor:
 
 @register_attack
 @dataclass
-class Bpp(Attack):
+class Bpp(BatchPoisoningAttack):
     """Colour-depth reduction to ``squeeze_num`` levels (dithered) + negative training."""
 
     name = "bpp"
@@ -111,10 +105,6 @@ class Bpp(Attack):
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return quantize(x.clamp(0, 1), self.squeeze_num, self.dithering)
-
-    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """BppAttack poisons each batch during training (see :meth:`training_hooks`); the set stays clean."""
-        return x, y, torch.zeros(len(y), dtype=torch.bool)
 
     def training_hooks(self, model: nn.Module) -> tuple[BatchHook | None, StepHook | None]:
         gen = torch.Generator().manual_seed(self.seed + 1)

@@ -34,17 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import Attack, BatchHook, FitContext, StepHook, register_attack
+from .base import (
+    BatchHook,
+    BatchPoisoningAttack,
+    FitContext,
+    StepHook,
+    batch_count,
+    register_attack,
+)
 from .components import TinyUNet, load_module_tensors, module_tensors
 
 EPS = 1e-7
-
-
-def batch_count(n: int, frac: float, gen: torch.Generator) -> int:
-    """``n * frac`` rounded up or down at random, so the expected count is exactly ``n * frac``."""
-    exact = n * frac
-    base = int(exact)
-    return min(n, base + int(torch.rand(1, generator=gen).item() < exact - base))
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, t1: torch.Tensor, t2: tor
 
 @register_attack
 @dataclass
-class InputAware(Attack):
+class InputAware(BatchPoisoningAttack):
     """Per-image generated triggers (pattern x mask) trained with the classifier."""
 
     name = "input-aware"
@@ -185,10 +185,6 @@ class InputAware(Attack):
         return (x + mask * (pattern - x)).clamp(0, 1)
 
     # --- training-time control ---------------------------------------------------------------
-    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input-aware poisons each batch during training (see :meth:`training_hooks`); the set stays clean."""
-        return x, y, torch.zeros(len(y), dtype=torch.bool)
-
     def training_hooks(self, model: nn.Module) -> tuple[BatchHook | None, StepHook | None]:
         pattern_net, mask_net = self._nets()
         opt = torch.optim.Adam(pattern_net.parameters(), lr=self.lr_g, betas=(0.5, 0.9))

@@ -22,19 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import Attack, BatchHook, FitContext, StepHook, register_attack
-
-
-def batch_count(n: int, frac: float, gen: torch.Generator) -> int:
-    """``n * frac`` rounded up or down at random, so the expected count is exactly ``n * frac``."""
-    exact = n * frac
-    base = int(exact)
-    return min(n, base + int(torch.rand(1, generator=gen).item() < exact - base))
+from .base import (
+    BatchHook,
+    BatchPoisoningAttack,
+    FitContext,
+    StepHook,
+    batch_count,
+    register_attack,
+)
 
 
 @register_attack
 @dataclass
-class WaNet(Attack):
+class WaNet(BatchPoisoningAttack):
     """Warping-based trigger; ``k`` control points per side, strength ``s``, noise-mode cross samples."""
 
     name = "wanet"
@@ -100,10 +100,6 @@ class WaNet(Attack):
         return self.warp(x)
 
     # --- training-time control ---------------------------------------------------------------
-    def poison_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """WaNet poisons each batch during training (see :meth:`training_hooks`); the set stays clean."""
-        return x, y, torch.zeros(len(y), dtype=torch.bool)
-
     def training_hooks(self, model: nn.Module) -> tuple[BatchHook | None, StepHook | None]:
         if self._grid is None:
             self.prepare(torch.empty(0), torch.empty(0))
