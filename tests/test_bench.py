@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ulrl.bench import DefenseSpec, Grid, collect, load_grid, plan, run_grid
+from ulrl.bench import DefenseSpec, Grid, collect, collect_scans, load_grid, plan, run_grid
 from ulrl.errors import UserError
 from ulrl.report import NO_DEFENSE, csv_text, summary, tables, write_report
 
-TINY = dict(datasets=["synthetic"], attacks=["badnets:patch_size=2"], epochs=1, seeds=[0],
+TINY = dict(datasets=["synthetic"], attacks=["badnets:patch_size=2"], epochs=1, seeds=[0], scan=False,
             defenses=["ulrl@paper:unlearn_epochs=1,relearn_epochs=1"])
 
 
@@ -38,7 +38,7 @@ def test_grid_file_and_preset(tmp_path):
     f = tmp_path / "g.yaml"
     f.write_text("datasets: [synthetic]\nattacks: [badnets, none]\ndefenses: [ulrl, {name: ulrl, preset: paper}]\nseeds: [0, 1]\n")
     g = load_grid(f, epochs=2)
-    assert g.epochs == 2 and len(plan(g)) == 4 and sum(len(c) for _, c in plan(g)) == 8
+    assert g.epochs == 2 and len(plan(g)) == 4 and sum(len(w.cells) for w in plan(g)) == 8
     (tmp_path / "bad.yaml").write_text("datasets: [synthetic]\nwhatever: 1\n")
     with pytest.raises(UserError, match="unknown grid key"):
         load_grid(tmp_path / "bad.yaml")
@@ -55,7 +55,7 @@ def _cells(root: Path) -> dict[Path, bytes]:
 def test_grid_resumes_after_kill_without_recomputing(tmp_path):
     root = tmp_path / "res"
     cmd = [sys.executable, "-m", "ulrl.cli", "bench", "--out", str(root), "--datasets", "synthetic",
-           "--attacks", "badnets:patch_size=2", "--epochs", "1", "--seeds", "0", "1", "--no-progress",
+           "--attacks", "badnets:patch_size=2", "--epochs", "1", "--seeds", "0", "1", "--no-progress", "--no-scan",
            "--defenses", *[f"ulrl@paper:unlearn_epochs=1,relearn_epochs={k}" for k in (1, 2, 3)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -134,3 +134,36 @@ def test_missing_dataset_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         run_grid(grid, tmp_path / "res", progress=False)
     assert not (tmp_path / "res" / "cells").exists()
+
+
+def test_grid_scans_clean_seeds_and_per_entry_seeds(tmp_path):
+    """Each model is scanned once per clean set, defended once per clean set; a clean model
+    entry with its own training seeds; the report gets the detection and per-run tables."""
+    grid = load_grid(None, datasets=["synthetic"], epochs=1, clean_ratios=[0.5], seeds=[0], clean_seeds=[0, 1],
+                     attacks=["badnets:patch_size=2,target=1", {"name": "none", "seeds": [3, 4]}],
+                     defenses=["ulrl@paper:unlearn_epochs=1,relearn_epochs=1"],
+                     scan_set={"uap_per_class": 2, "margin_steps": 5, "unlearn_epochs": 1})
+    assert [(w.job.attack_key, w.job.seed) for w in plan(grid)] == [("badnets-637fc4", 0), ("none", 3), ("none", 4)]
+    s = run_grid(grid, tmp_path / "res", progress=False)
+    assert not s.failures and (s.models_trained, s.scans_run, s.cells_run) == (3, 6, 6)
+    recs = collect(tmp_path / "res")
+    assert sorted((r["seed"], r["clean_seed"]) for r in recs if r["attack"] == "none") == [(3, 0), (3, 1), (4, 0), (4, 1)]
+    names = sorted(p.name for p in (tmp_path / "res" / "scans").rglob("*.json"))
+    assert names == ["ratio0.5-seed0-clean1.json", "ratio0.5-seed0.json", "ratio0.5-seed3-clean0.json",
+                     "ratio0.5-seed3-clean1.json", "ratio0.5-seed4-clean0.json", "ratio0.5-seed4-clean1.json"]
+    text = write_report(recs, tmp_path / "out", "r", scans=collect_scans(tmp_path / "res")).read_text()
+    assert "### Detection (ulrl scan)" in text and "Clean models: verdict 'backdoored' in" in text
+    assert "| badnets:patch_size=2,target=1 | 1 | 2 |" in text
+    assert "attacked runs" in text and run_grid(grid, tmp_path / "res", progress=False).scans_skipped == 6
+    with pytest.raises(UserError, match="seeds"):
+        Grid(**{**TINY, "attacks": [{"name": "none", "seeds": []}]})
+    with pytest.raises(UserError, match="scan"):
+        Grid(**{**TINY, "scan_set": {"alpha": 3}})
+
+
+def test_preset_extends_another():
+    detect, cpu = load_grid(preset="fashion-mnist-detect"), load_grid(preset="fashion-mnist-cpu")
+    assert detect.attacks == cpu.attacks and detect.clean_seeds == [0, 1, 2] and "ulrl" in detect.defenses
+    targets = {str(a).partition("target=")[2] for a in cpu.attacks if "target=" in str(a)}
+    assert len(targets) >= 8 and any("all2all" in str(a) for a in cpu.attacks)
+    assert sum(len(w.cells) for w in plan(cpu) if w.job.attack is None) == 5 * len(cpu.defenses)

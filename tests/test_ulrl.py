@@ -5,13 +5,8 @@ import torch
 from torch import nn
 
 import ulrl
-from ulrl.defenses.ulrl import (
-    cosine_penalty,
-    mad_outliers,
-    make_config,
-    neuron_scores,
-    reinitialise,
-)
+from ulrl.defenses.ulrl import cosine_penalty, make_config, reinitialise
+from ulrl.detection.weight_change import mad_outliers, neuron_scores
 from ulrl.errors import UserError
 
 
@@ -74,6 +69,7 @@ def test_config_presets_and_bad_option():
     paper = make_config("paper")
     assert (paper.unlearn_lr, paper.relearn_lr, paper.alpha, paper.clean_threshold) == (0.01, 0.005, 0.7, 0.2)
     assert (paper.mad_threshold, paper.max_neurons, paper.grad_clip, paper.relearn_epochs) == (3.5, 2, 20.0, 20)
+    assert paper.detect == "unlearning" and make_config("default").detect == "scan"
     with pytest.raises(UserError):
         make_config("default", nonsense=1)
     with pytest.raises(UserError):
@@ -84,7 +80,7 @@ def test_purify_end_to_end_on_tiny_model(synth, tiny):
     model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
     ulrl.fit(model, synth.train_x, synth.train_y, ulrl.TrainConfig(epochs=3, lr=0.05), progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    repaired, report = ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="default",
+    repaired, report = ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="paper",
                                    unlearn_epochs=3, relearn_epochs=2, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
     assert report.layer == "net.classifier" or report.layer.endswith("classifier")
@@ -96,7 +92,8 @@ def test_purify_end_to_end_on_tiny_model(synth, tiny):
 
 def test_purify_accepts_any_module_and_named_layer(tiny):
     x, y = torch.rand(40, 1, 4, 4), torch.arange(40) % 4
-    repaired, report = ulrl.purify(tiny, (x, y), layer="fc", unlearn_epochs=1, relearn_epochs=1, augment=False, progress=False)
+    repaired, report = ulrl.purify(tiny, (x, y), preset="paper", layer="fc", unlearn_epochs=1, relearn_epochs=1,
+                                   augment=False, progress=False)
     assert report.layer == "fc"
     with pytest.raises(UserError):
         ulrl.purify(tiny, (x[:0], y[:0]), progress=False)
@@ -115,15 +112,14 @@ def test_cosine_margin_stops_pushing_below_it():
 
 
 def test_unlearn_with_masked_class_never_collapses_onto_it(synth):
-    from ulrl.defenses.ulrl import unlearn
+    from ulrl.detection.weight_change import unlearn
     from ulrl.models import find_classifier
 
     model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
     ulrl.fit(model, synth.train_x, synth.train_y, ulrl.TrainConfig(epochs=2, lr=0.05), progress=False)
     _, layer = find_classifier(model)
-    cfg = make_config("paper", unlearn_epochs=2)
-    shared = dict(batch_size=64, augment=False, hflip=False)
-    scores, hist = unlearn(model, layer, synth.train_x, synth.train_y, cfg, shared, [1], False, None, False)
+    train = ulrl.TrainConfig(epochs=2, lr=0.01, batch_size=64, augment=False, hflip=False)
+    scores, hist = unlearn(model, layer, synth.train_x, synth.train_y, train, 0.2, masked=[1])
     others = scores[[0, 2, 3]]
     assert scores[1] == others.median()  # the masked class is scored neutrally
     assert len(hist) >= 1
@@ -131,16 +127,48 @@ def test_unlearn_with_masked_class_never_collapses_onto_it(synth):
 
 def test_each_look_unlearns_in_its_own_batchnorm_mode(synth, monkeypatch):
     import ulrl.defenses.ulrl as method
+    import ulrl.detection.weight_change as wc
 
-    modes, real_fit = [], method.fit
+    modes, real_fit = [], wc.fit
 
     def recording_fit(model, x, y, cfg, **kw):
         modes.append((kw.get("ascent", False), cfg.freeze_bn))
         return real_fit(model, x, y, cfg, **kw)
 
-    monkeypatch.setattr(method, "fit", recording_fit)
-    monkeypatch.setattr(method, "mad_outliers", lambda s, t, cap: ([1], torch.zeros_like(s)))  # one flag: look again
+    monkeypatch.setattr(wc, "fit", recording_fit)
+    monkeypatch.setattr(method, "mad_outliers", lambda s, t, cap, rank_by: ([1], torch.zeros_like(s)))  # one flag: look again
     model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
-    ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="default", unlearn_epochs=1,
+    ulrl.purify(model, (synth.train_x[:64], synth.train_y[:64]), preset="paper", second_look=True, unlearn_epochs=1,
                 relearn_epochs=1, unlearn_freeze_bn=True, second_look_freeze_bn=False, progress=False)
     assert [m for ascent, m in modes if ascent] == [True, False]  # first look: running stats; second: batch stats
+
+
+def test_paper_preset_follows_the_reference_code_per_dataset():
+    cifar, gtsrb, fmnist = (make_config("paper", dataset=d) for d in ("cifar10", "gtsrb", "fashion-mnist"))
+    assert cifar.hflip and not gtsrb.hflip and not fmnist.hflip  # the reference flips on CIFAR-10 only
+    assert (cifar.relearn_lr, cifar.alpha) == (0.005, 0.7) and (gtsrb.relearn_lr, gtsrb.alpha) == (0.001, 0.001)
+    for c in (cifar, gtsrb, fmnist):
+        assert (c.crop_pad, c.relearn_weight_decay, c.relearn_extra_bn_pass, c.amp, c.rank_by) == (4, 0.0, True, True, "index")
+    default = make_config("default", dataset="fashion-mnist")
+    assert default.crop_pad is None and default.relearn_weight_decay is None and not default.relearn_extra_bn_pass
+    # the harness's knowledge of the data goes under the preset, the user's options over it
+    from ulrl.defenses.base import make_defense_config
+    assert not make_defense_config("ulrl", "paper", dataset="mnist", base={"hflip": True}).hflip
+    assert make_defense_config("ulrl", "paper", dataset="mnist", base={"hflip": True}, hflip=True).hflip
+
+
+def test_mad_cap_by_index_keeps_the_lowest_classes():
+    scores = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, 8.0, 12.0, 10.0])
+    assert mad_outliers(scores, cap=2, rank_by="index")[0] == [7, 8]
+    assert mad_outliers(scores, cap=2)[0] == [8, 9]
+
+
+def test_extra_bn_pass_moves_batchnorm_statistics_twice_per_batch(synth):
+    def bn_batches(extra: bool) -> int:
+        torch.manual_seed(0)
+        model = ulrl.create_model("cnn-small", synth.num_classes, synth.in_channels, synth.image_size)
+        ulrl.fit(model, synth.train_x[:64], synth.train_y[:64], ulrl.TrainConfig(epochs=1, batch_size=32, extra_bn_pass=extra),
+                 progress=False)
+        return int(next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).num_batches_tracked)
+
+    assert bn_batches(False) == 2 and bn_batches(True) == 4

@@ -3,7 +3,8 @@
 The one-line API::
 
     import ulrl
-    repaired, report = ulrl.purify(model, (x_clean, y_clean))
+    result = ulrl.scan(model, (x_clean, y_clean))             # is there a backdoor, which class?
+    repaired, report = ulrl.purify(model, (x_clean, y_clean))  # remove it
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .data import Dataset, clean_subset, load_dataset  # noqa: E402
 from .defenses.base import DefenseReport  # noqa: E402
 from .defenses.ulrl import ULRLConfig, make_config  # noqa: E402
 from .defenses.ulrl import purify as _ulrl  # noqa: E402
+from .detection import ScanConfig, ScanResult  # noqa: E402
+from .detection import scan as _scan  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .metrics import der, evaluate  # noqa: E402
 from .models import create_model, find_classifier  # noqa: E402
@@ -50,20 +53,37 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def purify(model: nn.Module, clean_data: Any, preset: str = "default", progress: bool = True,
-           **config: Any) -> tuple[nn.Module, DefenseReport]:
+           dataset: str | None = None, **config: Any) -> tuple[nn.Module, DefenseReport]:
     """Remove a backdoor from ``model`` with ULRL, using a few clean labelled images.
 
     ``clean_data``: ``(x, y)`` tensors (x uint8, or float as the model takes it, shape N,C,H,W),
     a :class:`Dataset`, or a torch Dataset/DataLoader of ``(x, y)``. ``config``: any field of
     :class:`ULRLConfig` (e.g. ``alpha=0.7``, ``layer="fc"``, ``device="cuda"``); ``preset``:
-    ``"default"`` or ``"paper"``. Returns ``(repaired_model, report)``; ``model`` is untouched.
+    ``"default"`` or ``"paper"``; ``dataset`` (e.g. ``"cifar10"``) picks the paper preset's
+    per-dataset settings (taken from ``clean_data`` when it is a :class:`Dataset`). Returns
+    ``(repaired_model, report)``; ``model`` is untouched. With the default preset, a model with no
+    evidence of a backdoor comes back unchanged (``report.notes`` says so; ``force_repair=True``).
     """
+    if isinstance(clean_data, Dataset):
+        dataset = dataset or clean_data.name
+        config.setdefault("hflip", clean_data.hflip)
     x, y = as_tensors(clean_data)
-    return _ulrl(model, x, y, make_config(preset, **config), progress=progress)
+    return _ulrl(model, x, y, make_config(preset, dataset=dataset, **config), progress=progress)
+
+
+def scan(model: nn.Module, clean_data: Any, progress: bool = True, **config: Any) -> ScanResult:
+    """Look for a backdoor in ``model`` with a few clean labelled images (``clean_data`` as for
+    :func:`purify`). ``config``: any field of :class:`ScanConfig` (e.g. ``alpha=0.01``).
+    Returns a :class:`ScanResult`: per-class evidence of each signal, the p-value, the verdict
+    (``result.backdoored``), the suspected target classes; ``result.to_dict()`` is scan.json."""
+    if isinstance(clean_data, Dataset):
+        config.setdefault("hflip", clean_data.hflip)
+    x, y = as_tensors(clean_data)
+    return _scan(model, x, y, ScanConfig(**config), progress=progress)
 
 
 __all__ = [
-    "Dataset", "DefenseReport", "TrainConfig", "ULRLConfig", "UserError", "build_attack", "clean_subset",
-    "create_model", "der", "evaluate", "find_classifier", "fit", "load_checkpoint", "load_dataset",
-    "make_config", "purify", "save_checkpoint",
+    "Dataset", "DefenseReport", "ScanConfig", "ScanResult", "TrainConfig", "ULRLConfig", "UserError", "build_attack",
+    "clean_subset", "create_model", "der", "evaluate", "find_classifier", "fit", "load_checkpoint", "load_dataset",
+    "make_config", "purify", "save_checkpoint", "scan",
 ]

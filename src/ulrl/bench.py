@@ -4,7 +4,13 @@ A results directory holds::
 
     grid.json                                                  the grid as last run
     models/<dataset>/<model>/<attack>/seed<k>.safetensors|.json  poisoned models, trained once
-    cells/<dataset>/<model>/<attack>/<defense>/ratio<r>-seed<k>.json   one result per cell
+    scans/<dataset>/<model>/<attack>/ratio<r>-seed<k>[-clean<c>].json  the detection scan of each model and clean set
+    cells/<dataset>/<model>/<attack>/<defense>/ratio<r>-seed<k>[-clean<c>].json   one result per cell
+
+``seed`` is the training seed of the model; the clean set (and the defense's randomness) is
+drawn with the clean-set seed ``c``, by default the same (the file name then has no ``-clean``).
+An attack entry may carry its own training seeds (``{name: none, seeds: [0, 1, 2, 3, 4]}``: five
+clean models).
 
 Every file is written atomically (temporary file + rename), and a file that exists is finished:
 a rerun skips it, so an interrupted grid resumes where it stopped and loses nothing. Poisoned
@@ -47,9 +53,10 @@ from .checkpoints import (
 )
 from .data import Dataset, load_dataset
 from .defenses.base import defense_entry, make_defense_config, parse_overrides
+from .detection import ScanConfig
 from .errors import UserError
 from .models import MODELS
-from .pipeline import run_defense, select_clean, train_model
+from .pipeline import run_defense, scan_model, scan_record, select_clean, train_model
 from .train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +122,10 @@ class Grid:
     attacks: list[Any] = field(default_factory=lambda: ["badnets"])  # attack specs; "none" = a clean model
     defenses: list[Any] = field(default_factory=lambda: ["ulrl"])  # DefenseSpec strings or dicts
     clean_ratios: list[float] = field(default_factory=lambda: [0.01])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds (an attack entry may set its own)
+    clean_seeds: list[int] | None = None  # clean-set seeds; None: each model's training seed
+    scan: bool = True  # run the detection scan on every model and clean set (scans/)
+    scan_set: dict[str, Any] = field(default_factory=dict)  # ScanConfig overrides for those scans
     epochs: int = 5  # poisoned-training epochs
     lr: float = 0.01
     batch_size: int = 128
@@ -135,10 +145,19 @@ class Grid:
         for r in self.clean_ratios:
             if not 0.0 < float(r) <= 1.0:
                 raise UserError(f"clean ratio {r} must be in (0, 1]")
-        for a in self.attacks:
-            if str(a).strip().lower() != "none":
-                parse_attack_spec(a)
+        if self.clean_seeds is not None and (not isinstance(self.clean_seeds, list) or not self.clean_seeds):
+            raise UserError(f"grid key 'clean_seeds' must be a non-empty list, got {self.clean_seeds!r}")
+        self.attack_entries = [_attack_entry(a, self.seeds) for a in self.attacks]
         self.defense_specs = [DefenseSpec.parse(d) for d in self.defenses]
+        if not isinstance(self.scan_set, dict):
+            raise UserError("grid key 'scan_set' must map scan options to values")
+        unknown = sorted(set(self.scan_set) - {f.name for f in fields(ScanConfig)})
+        if unknown:
+            raise UserError(f"grid scan_set: unknown scan option(s) {', '.join(unknown)}")
+        try:
+            ScanConfig(**self.scan_set)  # validates the scan options now
+        except UserError as e:
+            raise UserError(f"grid scan_set: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,31 +165,66 @@ class Grid:
 
 def load_grid(path: str | Path | None = None, preset: str | None = None, **overrides: Any) -> Grid:
     """A grid from a YAML/JSON file or a named preset (``src/ulrl/presets/<name>.yaml``), with
-    ``overrides`` (non-None values) on top."""
-    import yaml
-
+    ``overrides`` (non-None values) on top. A file may start from a preset with ``extends: NAME``."""
     raw: dict[str, Any] = {}
     if preset is not None:
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise UserError(f"unknown bench preset {preset!r}; known: {known}")
+        path = _preset_path(preset)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"grid file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"grid file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"grid file {p} must hold a mapping of axis names to lists")
+        raw = _read_grid_file(Path(path))
+    for _ in range(8):  # ``extends: PRESET``: start from that preset's keys
+        if "extends" not in raw:
+            break
+        base = raw.pop("extends")
+        raw = {**_read_grid_file(_preset_path(str(base))), **raw}
     raw.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(Grid)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"unknown grid key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return Grid(**raw)
+
+
+def _attack_entry(entry: Any, seeds: list[int]) -> tuple[str | None, list[int]]:
+    """An attack axis entry -> (normalised spec text or None for a clean model, its training seeds)."""
+    if isinstance(entry, dict):
+        params = dict(entry)
+        own = params.pop("seeds", None)
+        if own is not None and (not isinstance(own, list) or not own):
+            raise UserError(f"attack entry {entry}: 'seeds' must be a non-empty list")
+        name = str(params.pop("name", "")).strip()
+        if not name:
+            raise UserError(f"attack entry {entry} must have a 'name'")
+        spec = None if name.lower() == "none" else (f"{name}:{_params_text(params)}" if params else name)
+        if spec is None and params:
+            raise UserError(f"attack entry {entry}: a clean model ('none') takes no parameters")
+        seeds = own or seeds
+    else:
+        spec = None if str(entry).strip().lower() == "none" else str(entry)
+    if spec is not None:
+        parse_attack_spec(spec)
+    return spec, [int(s) for s in seeds]
+
+
+def _preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise UserError(f"unknown bench preset {name!r}; known: {known}")
+    return path
+
+
+def _read_grid_file(p: Path) -> dict[str, Any]:
+    import yaml
+
+    if not p.is_file():
+        raise UserError(f"grid file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"grid file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"grid file {p} must hold a mapping of axis names to lists")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -191,31 +245,56 @@ class ModelJob:
         return root / "models" / self.dataset / self.model / self.attack_key / f"seed{self.seed}.safetensors"
 
 
+def _run_name(job: ModelJob, ratio: float, clean_seed: int) -> str:
+    return f"ratio{ratio:g}-seed{job.seed}" + ("" if clean_seed == job.seed else f"-clean{clean_seed}")
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """The detection scan of one model with one clean set."""
+
+    job: ModelJob
+    ratio: float
+    clean_seed: int
+
+    def path(self, root: Path) -> Path:
+        j = self.job
+        return root / "scans" / j.dataset / j.model / j.attack_key / f"{_run_name(j, self.ratio, self.clean_seed)}.json"
+
+
 @dataclass(frozen=True)
 class Cell:
     job: ModelJob
     defense: DefenseSpec
     ratio: float
+    clean_seed: int
 
     def path(self, root: Path) -> Path:
         j = self.job
-        return root / "cells" / j.dataset / j.model / j.attack_key / self.defense.key / f"ratio{self.ratio:g}-seed{j.seed}.json"
+        return root / "cells" / j.dataset / j.model / j.attack_key / self.defense.key / f"{_run_name(j, self.ratio, self.clean_seed)}.json"
 
 
-def plan(grid: Grid) -> list[tuple[ModelJob, list[Cell]]]:
-    """Every model to train with the cells that use it, in a stable order."""
+@dataclass
+class Work:
+    """One model to train, with the scans and cells that use it."""
+
+    job: ModelJob
+    scans: list[ScanJob]
+    cells: list[Cell]
+
+
+def plan(grid: Grid) -> list[Work]:
+    """Every model to train with the scans and cells that use it, in a stable order."""
     out = []
     for ds in grid.datasets:
         for m in grid.models:
-            for a in grid.attacks:
-                spec = None if str(a).strip().lower() == "none" else a
-                if isinstance(spec, dict):
-                    params = dict(spec)
-                    spec = f"{params.pop('name')}:{_params_text(params)}"
-                for seed in grid.seeds:
+            for spec, seeds in grid.attack_entries:
+                for seed in seeds:
                     job = ModelJob(ds, m, spec, int(seed))
-                    cells = [Cell(job, d, float(r)) for d in grid.defense_specs for r in grid.clean_ratios]
-                    out.append((job, cells))
+                    runs = [(float(r), int(c)) for r in grid.clean_ratios for c in (grid.clean_seeds or [seed])]
+                    scans = [ScanJob(job, r, c) for r, c in runs] if grid.scan else []
+                    cells = [Cell(job, d, r, c) for d in grid.defense_specs for r, c in runs]
+                    out.append(Work(job, scans, cells))
     return out
 
 
@@ -246,6 +325,38 @@ def train_job(job: ModelJob, grid: Grid, root: Path, progress: bool = False) -> 
     return meta
 
 
+def _job_header(job: ModelJob, meta: dict[str, Any], ratio: float, clean_seed: int) -> dict[str, Any]:
+    """What identifies a scan or a cell in the reports."""
+    return {
+        "dataset": job.dataset,
+        "model": job.model,
+        "attack": job.attack or "none",  # the spec as given in the grid: the label in reports
+        "attack_key": job.attack_key,
+        "attack_spec": meta.get("attack"),
+        "clean_ratio": ratio,
+        "seed": job.seed,
+        "clean_seed": clean_seed,
+    }
+
+
+def run_scan(sj: ScanJob, grid: Grid, root: Path, progress: bool = False) -> dict[str, Any]:
+    """Scan one model with one clean set and write the scan's file (its ``scan.json`` plus the header)."""
+    out = sj.path(root)
+    if out.is_file():
+        return json.loads(out.read_text())
+    job = sj.job
+    data = _dataset(job.dataset, grid.data_dirs.get(job.dataset))
+    model, meta, _ = load_checkpoint(job.path(root))
+    clean_idx = select_clean(data, sj.ratio, None, sj.clean_seed)
+    result = scan_model(model, data, clean_idx, {**grid.scan_set, "seed": sj.clean_seed}, grid.device, progress)
+    record = {**_job_header(job, meta, sj.ratio, sj.clean_seed), "scan": scan_record(result, data, None, clean_idx, sj.ratio),
+              "host": socket.gethostname(), "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    ensure_dir(out.parent)
+    write_json(out, record)
+    out.with_suffix(".error.txt").unlink(missing_ok=True)
+    return record
+
+
 def run_cell(cell: Cell, grid: Grid, root: Path, progress: bool = False) -> dict[str, Any]:
     """Run one defense on one poisoned model and write the cell's result file."""
     out = cell.path(root)
@@ -258,22 +369,17 @@ def run_cell(cell: Cell, grid: Grid, root: Path, progress: bool = False) -> dict
     if meta.get("attack"):
         attack = build_attack(meta["attack"], data.num_classes)
         attack.load_state_tensors(attack_tensors)
-    clean_idx = select_clean(data, cell.ratio, None, job.seed)
+    clean_idx = select_clean(data, cell.ratio, None, cell.clean_seed)
     t0 = time.perf_counter()
     _, report, results = run_defense(model, data, clean_idx, attack, d.name, d.preset,
-                                     {"seed": job.seed, **dict(d.overrides)}, grid.device, progress,
+                                     {"seed": cell.clean_seed, **dict(d.overrides)}, grid.device, progress,
                                      monitor_size=grid.monitor, before=meta.get("test_metrics"))
     record = {
-        "dataset": job.dataset,
-        "model": job.model,
-        "attack": job.attack or "none",  # the spec as given in the grid: the label in reports
-        "attack_key": job.attack_key,
-        "attack_spec": meta.get("attack"),
+        **_job_header(job, meta, cell.ratio, cell.clean_seed),
         "defense": d.label,
         "defense_key": d.key,
-        "clean_ratio": cell.ratio,
-        "seed": job.seed,
-        **{k: results[k] for k in ("before", "after", "der", "defense_seconds", "clean_samples", "config")},
+        **{k: results[k] for k in ("before", "after", "der", "defense_seconds", "monitor_seconds", "clean_samples",
+                                   "config")},
         "cell_seconds": time.perf_counter() - t0,
         "train_seconds": meta.get("train_seconds"),
         "poisoned_samples": meta.get("poisoned_samples"),
@@ -300,8 +406,10 @@ def _record_error(path: Path, err: BaseException | str) -> str:
 @dataclass
 class Summary:
     models_trained: int = 0
+    scans_run: int = 0
     cells_run: int = 0
     cells_skipped: int = 0
+    scans_skipped: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -315,7 +423,7 @@ def run_grid(grid: Grid, root: str | Path, executor: str = "local", address: str
     root = ensure_dir(root)
     write_json(root / "grid.json", grid.to_dict())
     work = plan(grid)
-    if any(not model_done(j.path(root)) or any(not c.path(root).is_file() for c in cells) for j, cells in work):
+    if any(not model_done(w.job.path(root)) or any(not t.path(root).is_file() for t in w.scans + w.cells) for w in work):
         for name in grid.datasets:  # a missing dataset is one user error, not a failure per cell
             _dataset(name, grid.data_dirs.get(name))
     if executor == "local":
@@ -325,11 +433,30 @@ def run_grid(grid: Grid, root: str | Path, executor: str = "local", address: str
     raise UserError(f"unknown executor {executor!r}; use local or ray")
 
 
-def _run_local(work, grid: Grid, root: Path, progress: bool) -> Summary:
+def _run_task(task: ScanJob | Cell, grid: Grid, root: Path, progress: bool = False) -> None:
+    (run_scan if isinstance(task, ScanJob) else run_cell)(task, grid, root, progress)
+
+
+def _label(task: ScanJob | Cell) -> str:
+    what = "scan" if isinstance(task, ScanJob) else task.defense.key
+    return f"{what} on {task.job.attack_key} seed{task.job.seed} clean{task.clean_seed}"
+
+
+def _count(s: Summary, task: ScanJob | Cell, skipped: bool = False) -> None:
+    if isinstance(task, ScanJob):
+        s.scans_skipped += skipped
+        s.scans_run += not skipped
+    else:
+        s.cells_skipped += skipped
+        s.cells_run += not skipped
+
+
+def _run_local(work: list[Work], grid: Grid, root: Path, progress: bool) -> Summary:
     s, t0 = Summary(), time.perf_counter()
-    todo = sum((not model_done(j.path(root))) + len(cells) for j, cells in work)
+    todo = sum((not model_done(w.job.path(root))) + len(w.scans) + len(w.cells) for w in work)
     bar = tqdm(total=todo, desc="bench", disable=not progress, unit="job")
-    for job, cells in work:
+    for w in work:
+        job, tasks = w.job, w.scans + w.cells
         if not model_done(job.path(root)):
             bar.set_postfix_str(f"train {job.model} {job.attack_key} seed{job.seed}")
             try:
@@ -340,21 +467,21 @@ def _run_local(work, grid: Grid, root: Path, progress: bool) -> Summary:
             except Exception as e:  # a crash in one attack must not lose the rest of the grid
                 msg = _record_error(job.path(root), e)
                 s.failures.append(f"train {job.attack_key}: {msg}")
-                bar.update(1 + len(cells))
+                bar.update(1 + len(tasks))
                 continue
             bar.update(1)
-        for cell in cells:
-            if cell.path(root).is_file():
-                s.cells_skipped += 1
+        for task in tasks:
+            if task.path(root).is_file():
+                _count(s, task, skipped=True)
             else:
-                bar.set_postfix_str(f"{cell.defense.key} on {job.attack_key}")
+                bar.set_postfix_str(_label(task))
                 try:
-                    run_cell(cell, grid, root, progress=False)
-                    s.cells_run += 1
+                    _run_task(task, grid, root)
+                    _count(s, task)
                 except UserError:
                     raise
                 except Exception as e:
-                    s.failures.append(f"{cell.defense.key} on {job.attack_key}: {_record_error(cell.path(root), e)}")
+                    s.failures.append(f"{_label(task)}: {_record_error(task.path(root), e)}")
             bar.update(1)
     bar.close()
     s.seconds = time.perf_counter() - t0
@@ -367,10 +494,10 @@ def _ray_train(job: ModelJob, grid: Grid, root: str, threads: int) -> str:
     return str(job.path(Path(root)))
 
 
-def _ray_cell(cell: Cell, grid: Grid, root: str, threads: int, _model_ready: Any = None) -> str:
+def _ray_task(task: ScanJob | Cell, grid: Grid, root: str, threads: int, _model_ready: Any = None) -> str:
     torch.set_num_threads(threads)
-    run_cell(cell, grid, Path(root))
-    return str(cell.path(Path(root)))
+    _run_task(task, grid, Path(root))
+    return str(task.path(Path(root)))
 
 
 def _run_ray(work, grid: Grid, root: Path, address: str | None, cpus_per_cell: float, progress: bool) -> Summary:
@@ -391,30 +518,30 @@ def _run_ray(work, grid: Grid, root: Path, address: str | None, cpus_per_cell: f
     resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_cell}
     threads = max(1, int(cpus_per_cell))
     train_task = ray.remote(max_retries=0, **resources)(_ray_train)
-    cell_task = ray.remote(max_retries=0, **resources)(_ray_cell)
-    pending: dict[Any, tuple[str, Path]] = {}
-    for job, cells in work:
+    other_task = ray.remote(max_retries=0, **resources)(_ray_task)
+    pending: dict[Any, tuple[str, Path, Any]] = {}
+    for w in work:
         dep = None
-        if not model_done(job.path(root)):
-            dep = train_task.remote(job, grid, str(root), threads)
-            pending[dep] = (f"train {job.attack_key}", job.path(root))
-        for cell in cells:
-            if cell.path(root).is_file():
-                s.cells_skipped += 1
+        if not model_done(w.job.path(root)):
+            dep = train_task.remote(w.job, grid, str(root), threads)
+            pending[dep] = (f"train {w.job.attack_key}", w.job.path(root), None)
+        for task in w.scans + w.cells:
+            if task.path(root).is_file():
+                _count(s, task, skipped=True)
                 continue
-            ref = cell_task.remote(cell, grid, str(root), threads, dep)
-            pending[ref] = (f"{cell.defense.key} on {job.attack_key}", cell.path(root))
+            ref = other_task.remote(task, grid, str(root), threads, dep)
+            pending[ref] = (_label(task), task.path(root), task)
     bar = tqdm(total=len(pending), desc="bench (ray)", disable=not progress, unit="job")
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            what, path = pending.pop(done[0])
+            what, path, task = pending.pop(done[0])
             try:
                 ray.get(done[0])
-                if what.startswith("train "):
+                if task is None:
                     s.models_trained += 1
                 else:
-                    s.cells_run += 1
+                    _count(s, task)
             except Exception as e:  # the task's error (or its model's) is recorded, the rest go on
                 cause = getattr(e, "cause", None) or e
                 if isinstance(cause, UserError):
@@ -431,19 +558,28 @@ def _run_ray(work, grid: Grid, root: Path, address: str | None, cpus_per_cell: f
     return s
 
 
+def collect_scans(root: str | Path) -> list[dict[str, Any]]:
+    """Every finished scan's record under ``root`` (empty when the grid ran no scans)."""
+    return _read_records(Path(root) / "scans")
+
+
+def _read_records(folder: Path) -> list[dict[str, Any]]:
+    records = []
+    for p in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+        try:
+            records.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:
+            raise UserError(f"result file {p} is corrupt; delete it and rerun `ulrl bench` to recompute it") from None
+    return records
+
+
 def collect(root: str | Path) -> list[dict[str, Any]]:
     """Every finished cell's record under ``root``, in a stable order. Reads the directory alone."""
     root = Path(root)
     if not (root / "cells").is_dir():
         raise UserError(f"{root} holds no benchmark results (no cells/ directory); run `ulrl bench --out {root}` first")
-    records = []
-    for p in sorted((root / "cells").rglob("*.json")):
-        try:
-            records.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            raise UserError(f"result file {p} is corrupt; delete it and rerun `ulrl bench` to recompute that cell") from None
-    return records
+    return _read_records(root / "cells")
 
 
-__all__ = ["Cell", "DefenseSpec", "Grid", "ModelJob", "Summary", "collect", "defense_entry", "load_grid", "plan",
-           "run_cell", "run_grid", "train_job"]
+__all__ = ["Cell", "DefenseSpec", "Grid", "ModelJob", "ScanJob", "Summary", "Work", "collect", "collect_scans",
+           "defense_entry", "load_grid", "plan", "run_cell", "run_grid", "run_scan", "train_job"]

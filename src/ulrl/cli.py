@@ -107,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None, help="attack spec to measure ASR with (default: the one in the checkpoint's sidecar, if any)")
     _add_common(p)
 
+    p = sub.add_parser("scan", help="does the model carry a backdoor, and which class does it serve? (per-class evidence, p-value, verdict)",
+                       description="Scan a checkpoint for a backdoor with a few clean images: per-class evidence of each "
+                       "detection signal, a calibrated p-value and a verdict. Writes scan.json and scan.png to --out. "
+                       "Exit code 0, or 1 with --fail-on-detect when a backdoor is found; 2 on bad input.")
+    _add_model_args(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--clean-ratio", type=_ratio, default=None, help="fraction of the training split used as clean data (default 0.01)")
+    group.add_argument("--clean-count", type=int, default=None, help="number of clean samples instead of a ratio")
+    p.add_argument("--out", required=True, help="output directory (scan.json, scan.png)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scan option, e.g. --set alpha=0.01 (see ScanConfig)")
+    p.add_argument("--fail-on-detect", action="store_true", help="exit with code 1 when the verdict is 'backdoored' (for model-intake pipelines)")
+    p.add_argument("--json", action="store_true", help="print scan.json instead of the table")
+    _add_common(p)
+
     p = sub.add_parser("evaluate", help="ACC, and ASR/RA under an attack, of a checkpoint")
     _add_model_args(p)
     p.add_argument("--attack", default=None, help="attack spec (default: the one in the checkpoint's sidecar)")
@@ -122,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("defenses", "defense specs NAME[@PRESET][:key=value,...]")):
         p.add_argument(f"--{axis}", nargs="+", default=None, help=help_)
     p.add_argument("--clean-ratios", nargs="+", type=_ratio, default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds of the models")
+    p.add_argument("--clean-seeds", nargs="+", type=int, default=None,
+                   help="clean-set seeds: every model is scanned and defended with each (default: its training seed)")
+    p.add_argument("--no-scan", action="store_true", help="skip the detection scan of each model and clean set")
     p.add_argument("--epochs", type=int, default=None, help="poisoned-training epochs (default 5)")
     p.add_argument("--data-dir", default=None, help="directory of the (single) dataset, if not in its standard place")
     p.add_argument("--device", default=None, help="cpu or cuda")
@@ -183,7 +200,10 @@ def cmd_demo(args) -> int:
     print(f"\nULRL demo: cnn-small on {data.name}, {r['attack']['name']} attack, {r['clean_samples']} clean samples, seed {args.seed}\n")
     print(format_table([("poisoned", r["before"], r["train_seconds"]),
                         ("after ULRL", {**r["after"], "der": r["der"]}, r["defense_seconds"])]))
-    print(f"\nflagged neurons: {r['flagged_neurons']}  unlearning epochs: {r['unlearn_epochs']}")
+    if r.get("scan"):
+        sc = r["scan"]
+        print(f"\nscan: {sc['verdict']} (p = {sc['p_value']:.2g}, {sc['kind']}); suspected {sc['suspected']}")
+    print(f"flagged neurons: {r['flagged_neurons']}  unlearning epochs: {r['unlearn_epochs']}")
     print(f"results, plots and checkpoints in {args.out}/")
     return 0
 
@@ -237,10 +257,61 @@ def cmd_purify(args) -> int:
     write_defense_outputs(out, repaired, meta, report, results, clean_idx, inputs=[args.model], overwrite=args.overwrite)
     after = {**results["after"], "der": results["der"]} if results["der"] is not None else results["after"]
     print(format_table([("input", results["before"], None), (f"after {args.defense}", after, results["defense_seconds"])]))
+    if "scan" in report.extra:
+        sc = report.extra["scan"]
+        print(f"scan: {sc['verdict']} (p = {sc['p_value']:.2g}, {sc['kind']}); suspected {sc['suspected']}")
     if report.layer:
         print(f"flagged neurons of {report.layer}: {report.flagged}")
+    for note in report.notes:
+        print(f"note: {note}")
     print(f"wrote {out}/model.safetensors, report.json, results.json, plots")
     return 0
+
+
+def cmd_scan(args) -> int:
+    from .checkpoints import check_output, ensure_dir, write_json
+    from .defenses.base import parse_fields
+    from .detection import ScanConfig
+    from .pipeline import scan_model, scan_record, select_clean
+    from .plots import plot_scan
+
+    out = Path(args.out)
+    for name in ("scan.json", "scan.png"):
+        check_output(out / name, inputs=[args.model], overwrite=args.overwrite)
+    ensure_dir(out)
+    if args.clean_count is not None and args.clean_count < 1:
+        raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
+    overrides = {"seed": args.seed, **parse_fields(args.set or [], ScanConfig, "scan")}
+    data = _load_data(args)
+    model, _, _ = _load_model(args, data)
+    clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
+    result = scan_model(model, data, clean_idx, overrides, args.device, not args.no_progress)
+    ratio = args.clean_ratio if args.clean_count is None else None
+    record = scan_record(result, data, args.model, clean_idx, 0.01 if ratio is None and args.clean_count is None else ratio)
+    write_json(out / "scan.json", record)
+    plot_scan(result, out / "scan.png")
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_scan(result, Path(args.model).name))
+        print(f"wrote {out}/scan.json and scan.png")
+    return 1 if args.fail_on_detect and result.backdoored else 0
+
+
+def format_scan(result, label: str) -> str:
+    """The short verdict table ``ulrl scan`` prints: per class, each signal's z and the combined p."""
+    names = list(result.signals)
+    head = f"{'class':>5}" + "".join(f"{n + ' z':>17}" for n in names) + f"{'combined p':>12}  "
+    lines = [head, "-" * len(head)]
+    for c in range(result.num_classes):
+        zs = "".join(f"{result.signals[n].z[c]:17.1f}" for n in names)
+        mark = "  <- suspected" if c in result.suspected else ""
+        lines.append(f"{c:>5}{zs}{result.p_class[c]:12.2g}{mark}")
+    verdict = result.verdict.upper() if result.backdoored else result.verdict
+    target = f"; suspected target(s): {result.suspected}" if result.suspected else ""
+    lines.append(f"\n{label}: {verdict} (p = {result.p_value:.2g}, alpha = {result.alpha}){target}; "
+                 f"{result.seconds['total']:.1f} s")
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args) -> int:
@@ -261,12 +332,13 @@ def cmd_bench(args) -> int:
     if args.config and args.preset:
         raise UserError("give either --config FILE or --preset NAME, not both")
     overrides = {"datasets": args.datasets, "models": args.models, "attacks": args.attacks, "defenses": args.defenses,
-                 "clean_ratios": args.clean_ratios, "seeds": args.seeds, "epochs": args.epochs, "device": args.device}
+                 "clean_ratios": args.clean_ratios, "seeds": args.seeds, "clean_seeds": args.clean_seeds,
+                 "epochs": args.epochs, "device": args.device, "scan": False if args.no_scan else None}
     grid = load_grid(args.config, args.preset, **overrides)
     if args.data_dir:
         grid.data_dirs = {**grid.data_dirs, **{d: args.data_dir for d in grid.datasets}}
     s = run_grid(grid, args.out, args.executor, args.ray_address, args.cpus_per_cell, not args.no_progress)
-    print(f"bench: {s.models_trained} models trained, {s.cells_run} cells run, {s.cells_skipped} already done, "
+    print(f"bench: {s.models_trained} models trained, {s.scans_run} scans and {s.cells_run} cells run, {s.cells_skipped} already done, "
           f"{len(s.failures)} failed, {s.seconds:.0f} s; results in {args.out}/cells (ulrl report {args.out})")
     for f in s.failures:
         print(f"  failed: {f}", file=sys.stderr)
@@ -284,12 +356,12 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .bench import collect
+    from .bench import collect, collect_scans
     from .report import write_report
 
-    records = collect(args.results)
-    md = write_report(records, args.out or Path(args.results) / "report", args.name, args.header)
-    print(f"{len(records)} cells; wrote {md} with its tables and plots in {md.with_suffix('')}/")
+    records, scans = collect(args.results), collect_scans(args.results)
+    md = write_report(records, args.out or Path(args.results) / "report", args.name, args.header, scans)
+    print(f"{len(records)} cells, {len(scans)} scans; wrote {md} with its tables and plots in {md.with_suffix('')}/")
     return 0
 
 
@@ -309,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         from .defenses import DEFENSES
         print("\n".join(sorted(DEFENSES)))
         return 0
-    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "evaluate": cmd_evaluate,
+    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "scan": cmd_scan, "evaluate": cmd_evaluate,
                 "bench": cmd_bench, "report": cmd_report, "zoo": cmd_zoo}
     try:
         return handlers[args.command](args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from .attacks import Attack, FitContext, build_attack
 from .checkpoints import ensure_dir, save_checkpoint, write_json
 from .data import Dataset, clean_subset
 from .defenses import DefenseReport, make_defense_config, run_defense_fn
+from .detection import ScanConfig, ScanResult, scan
 from .errors import UserError
 from .metrics import der, evaluate
 from .models import create_model
@@ -117,20 +119,25 @@ def run_defense(
     before: dict[str, float] | None = None,
 ) -> tuple[nn.Module, DefenseReport, dict[str, Any]]:
     """Evaluate (unless ``before`` is given), defend, evaluate again. Returns (repaired model, report, results)."""
-    overrides = {"hflip": data.hflip, "device": device, **(overrides or {})}
-    cfg = make_defense_config(defense, preset, **overrides)
+    cfg = make_defense_config(defense, preset, dataset=data.name, base={"hflip": data.hflip, "device": device},
+                              **(overrides or {}))
     if before is None:
         before = evaluate(model, data.test_x, data.test_y, attack, device)
     sub = torch.arange(min(monitor_size, len(data.test_y)))
 
-    def monitor(m: nn.Module) -> dict[str, float]:
+    monitor_seconds = 0.0
+
+    def monitor(m: nn.Module) -> dict[str, float]:  # test metrics per epoch, for plots only; timed apart
+        nonlocal monitor_seconds
+        t = time.perf_counter()
         r = evaluate(m, data.test_x[sub], data.test_y[sub], attack, device)
+        monitor_seconds += time.perf_counter() - t
         return {f"test_{k}": v for k, v in r.items()}
 
     t0 = time.perf_counter()
     repaired, report = run_defense_fn(defense, model, data.train_x[clean_idx], data.train_y[clean_idx], cfg,
                                       monitor=monitor if monitor_size else None, progress=progress)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - monitor_seconds
     after = evaluate(repaired, data.test_x, data.test_y, attack, device)
     results = {
         "defense": defense,
@@ -139,13 +146,35 @@ def run_defense(
         "after": after,
         "der": der(before, after) if attack is not None else None,
         "flagged_neurons": report.flagged,
+        "scan": {k: report.extra["scan"][k] for k in ("verdict", "p_value", "kind", "suspected")} if "scan" in report.extra else None,
         "unlearn_epochs": report.unlearn_epochs,
-        "defense_seconds": seconds,
+        "defense_seconds": seconds,  # without the per-epoch test monitoring
+        "monitor_seconds": monitor_seconds,
         "clean_samples": int(len(clean_idx)),
         "attack": attack.spec() if attack else None,
         "config": asdict(cfg),
     }
     return repaired, report, results
+
+
+def scan_model(model: nn.Module, data: Dataset, clean_idx: torch.Tensor, overrides: dict[str, Any] | None = None,
+               device: str = "cpu", progress: bool = True) -> ScanResult:
+    """Run the detection scan on the clean subset ``clean_idx`` of ``data``'s training split."""
+    cfg = ScanConfig(**{"hflip": data.hflip, "device": device, **(overrides or {})})
+    return scan(model, data.train_x[clean_idx], data.train_y[clean_idx], cfg, progress=progress)
+
+
+def scan_record(result: ScanResult, data: Dataset, model_path: str | Path | None, clean_idx: torch.Tensor,
+                clean_ratio: float | None = None) -> dict[str, Any]:
+    """What ``scan.json`` holds: the result plus where it came from (model path and hash, data, clean set)."""
+    model = {"path": str(model_path) if model_path else None, "sha256": None}
+    if model_path and Path(model_path).is_file():
+        model["sha256"] = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    head = {"schema_version": result.schema_version, "ulrl_version": __version__, "model": model, "dataset": data.name,
+            "clean_samples": int(len(clean_idx)), "clean_ratio": clean_ratio}
+    body = result.to_dict()
+    body["parameters"] = body.pop("config")
+    return {**head, **body}
 
 
 def write_defense_outputs(out: Path, repaired: nn.Module, meta: dict, report: DefenseReport, results: dict,

@@ -64,6 +64,33 @@ def plot_curves(report: DefenseReport, path: str | Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
     axes[0].set_ylabel("fraction")
+    _save(fig, path)
+
+
+def plot_scan(result, path: str | Path) -> None:
+    """Per-class evidence of a scan: each signal's -log10 p, the combined evidence, the verdict's line."""
+    import math
+
+    k = result.num_classes
+    names = list(result.signals)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * k), 3.4))
+    width = 0.8 / (len(names) + 1)
+    for i, name in enumerate(names):
+        ev = result.signals[name]
+        ax.bar([c + (i - len(names) / 2) * width for c in range(k)], [-math.log10(max(p, 1e-300)) for p in ev.p],
+               width, label=name, alpha=0.6)
+    colors = ["tab:red" if c in result.suspected else "black" for c in range(k)]
+    ax.bar([c + len(names) / 2 * width for c in range(k)], result.combined, width, color=colors, label="combined")
+    ax.axhline(-math.log10(result.alpha / k), color="tab:red", ls="--", lw=1, label=f"alpha/K (alpha = {result.alpha})")
+    ax.set_xticks(range(k))
+    ax.set_xlabel("class")
+    ax.set_ylabel("-log10 p (per class)")
+    ax.set_title(f"scan: {result.verdict} (p = {result.p_value:.2g})"
+                 + (f", suspected {result.suspected}" if result.suspected else ""))
+    ax.legend(fontsize=7, ncol=2)
     _save(fig, path)

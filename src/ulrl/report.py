@@ -138,6 +138,87 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _target_of(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "-"
+    return "all-to-all" if spec.get("mode") == "all2all" else str(spec.get("target"))
+
+
+def robustness_markdown(records: list[dict[str, Any]], max_asr: float = 0.05) -> str:
+    """Per defense over every single run (attack x training seed x clean-set seed), not means of
+    means: how many runs leave ASR above ``max_asr``, the worst ASR, the ACC drop, and on clean
+    models (attack ``none``) how far ACC moved."""
+    by_def: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_def[r["defense"]].append(r)
+    lines = ["Per defense, over every run (each attack x training seed x clean-set seed):", "",
+             f"| defense | attacked runs | ASR > {100 * max_asr:g}% | worst ASR % | mean ASR % | mean RA % | mean ACC drop | "
+             "worst ACC drop | clean-model runs | mean / worst abs ACC change on clean models |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in sorted(by_def):
+        att = [r for r in by_def[d] if r["attack"] != "none" and r["after"].get("asr") is not None]
+        clean = [r for r in by_def[d] if r["attack"] == "none"]
+        drops = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in att]
+        changes = [100 * abs(r["before"]["acc"] - r["after"]["acc"]) for r in clean]
+        asr = [r["after"]["asr"] for r in att]
+        fails = [f"{r['attack']} (seed {r['seed']}, clean {r.get('clean_seed', r['seed'])}): {100 * r['after']['asr']:.1f}"
+                 for r in att if r["after"]["asr"] > max_asr]
+        lines.append(
+            f"| {d} | {len(att)} | {len(fails)} | {_pct(max(asr) if asr else None)} | {_pct(_mean(asr))} | "
+            f"{_pct(_mean([r['after'].get('ra') for r in att]))} | "
+            + ("-" if not drops else f"{statistics.fmean(drops):.2f}") + " | "
+            + ("-" if not drops else f"{max(drops):.2f}") + f" | {len(clean)} | "
+            + ("-" if not changes else f"{statistics.fmean(changes):.2f} / {max(changes):.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _found(scan: dict[str, Any], target: str) -> bool:
+    """The true target is among the suspected classes (all-to-all: the scan says all-to-all)."""
+    if target == "all-to-all":
+        return scan["kind"] == "all-to-all"
+    return int(target) in scan["suspected"]
+
+
+def detection_markdown(scans: list[dict[str, Any]]) -> str:
+    """The detection scans: per attacked model whether the true target was suspected, with the
+    p-values per clean set; over clean models, the false-positive rate of the verdict."""
+    if not scans:
+        return ""
+    rows: dict[tuple, list[dict]] = defaultdict(list)
+    for r in scans:
+        rows[(r["dataset"], r["model"], r["clean_ratio"], r["attack"], _target_of(r.get("attack_spec")))].append(r)
+    lines = ["### Detection (ulrl scan)", "",
+             "Per model and clean set: the verdict's p-value and the suspected classes. *Found*: the true target "
+             "is among the suspected classes (all-to-all: the scan says all-to-all).", "",
+             "| attack | target | runs | found | clean class suspected | p-values | suspected |", "|---|---|---|---|---|---|---|"]
+    found_total = runs_total = 0
+    clean_runs = clean_fp = 0
+    for key in sorted(rows, key=lambda k: (k[3] == "none", str(k))):
+        rs = sorted(rows[key], key=lambda r: (r["seed"], r.get("clean_seed", r["seed"])))
+        target = key[4]
+        if key[3] == "none":
+            clean_runs += len(rs)
+            clean_fp += sum(r["scan"]["verdict"] == "backdoored" for r in rs)
+            found, wrong = "-", str(sum(bool(r["scan"]["suspected"]) for r in rs))
+        else:
+            n_found = sum(_found(r["scan"], target) for r in rs)
+            found_total += n_found
+            runs_total += len(rs)
+            found = f"{n_found}/{len(rs)}"
+            wrong = str(sum(any(c != int(target) for c in r["scan"]["suspected"]) for r in rs)) if target != "all-to-all" else "-"
+        ps = ", ".join(f"{r['scan']['p_value']:.2g}" for r in rs)
+        sus = "; ".join(str(r["scan"]["suspected"]) for r in rs)
+        lines.append(f"| {key[3]} | {target} | {len(rs)} | {found} | {wrong} | {ps} | {sus} |")
+    lines.append("")
+    if runs_total:
+        lines.append(f"Backdoored models: target found in {found_total} of {runs_total} runs.")
+    if clean_runs:
+        lines.append(f"Clean models: verdict 'backdoored' in {clean_fp} of {clean_runs} runs "
+                     f"(false-positive rate {100 * clean_fp / clean_runs:.0f}%; nominal alpha "
+                     f"{rows and next(iter(rows.values()))[0]['scan']['alpha']}).")
+    return "\n".join(lines) + "\n"
+
+
 def csv_text(table: dict[str, Any]) -> str:
     """Wide CSV: one row per attack (and a mean row), per defense its acc, asr, ra, der, seconds."""
     buf = io.StringIO()
@@ -219,11 +300,15 @@ def _plots(table: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 
 def write_report(records: list[dict[str, Any]], out: str | Path, name: str = "report",
-                 header: str = "") -> Path:
+                 header: str = "", scans: list[dict[str, Any]] | None = None) -> Path:
     """Write ``out/<name>.md`` and, under ``out/<name>/``, the CSV tables and the plots."""
     out = ensure_dir(out)
     assets = ensure_dir(out / name)
     parts = [header.rstrip() + "\n"] if header else []
+    if scans:
+        parts.append(detection_markdown(scans))
+    if records:
+        parts.append(robustness_markdown(records))
     for t in tables(records):
         stem = f"{t['dataset']}-{t['model']}-r{t['clean_ratio']:g}"
         csv_path = assets / f"{stem}.csv"

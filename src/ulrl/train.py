@@ -36,8 +36,10 @@ class TrainConfig:
     sam_adaptive: bool = False  # adaptive SAM (ASAM): perturbation scaled elementwise by |w|
     augment: bool = True  # random crop with padding (+ flip when the data allows it)
     hflip: bool = True
+    crop_pad: int | None = None  # padding of the random crop (None: image side // 8)
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (eval mode)
     amp: bool = False  # mixed precision, CUDA only
+    extra_bn_pass: bool = False  # one more train-mode forward pass per batch after each step (BatchNorm statistics move twice)
     seed: int = 0
     device: str = "cpu"
 
@@ -173,7 +175,7 @@ def fit(
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb = to_float(x[idx])
             if cfg.augment:
-                xb = augment(xb, hflip=cfg.hflip, generator=gen)
+                xb = augment(xb, pad=cfg.crop_pad, hflip=cfg.hflip, generator=gen)
             xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
             if batch_hook is not None:
                 xb, yb = batch_hook(xb, yb)
@@ -193,6 +195,9 @@ def fit(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
+            if cfg.extra_bn_pass:  # as the ULRL authors' trainer: BatchNorm statistics see the batch again
+                with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
+                    model(xb)
             if step_hook is not None:
                 step_hook()
             loss_sum += loss.item() * len(yb)

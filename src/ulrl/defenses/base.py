@@ -37,19 +37,23 @@ class CommonConfig:
     device: str = "cpu"
 
 
+Preset = dict[str, Any] | Callable[[str | None], dict[str, Any]]
+
+
 @dataclass
 class DefenseEntry:
     run: Callable[..., tuple[nn.Module, DefenseReport]]
     config: type
-    presets: dict[str, dict[str, Any]]
+    presets: dict[str, Preset]
 
 
 DEFENSES: dict[str, DefenseEntry] = {}
 
 
-def register_defense(name: str, config: type, presets: dict[str, dict[str, Any]] | None = None):
+def register_defense(name: str, config: type, presets: dict[str, Preset] | None = None):
     """Register ``run`` under ``name`` with its config dataclass; ``presets`` map a preset name to
-    overrides of the config's defaults (a ``default`` preset, the config's defaults, always exists)."""
+    overrides of the config's defaults, or to a function ``dataset name (or None) -> overrides``
+    for presets that differ per dataset (a ``default`` preset, the config's defaults, always exists)."""
 
     def deco(fn):
         DEFENSES[name] = DefenseEntry(fn, config, {"default": {}, **(presets or {})})
@@ -64,42 +68,52 @@ def defense_entry(name: str) -> DefenseEntry:
     return DEFENSES[name]
 
 
-def make_defense_config(name: str, preset: str = "default", **overrides: Any):
-    """The config of defense ``name``: its preset, then ``overrides`` (unknown keys are user errors)."""
+def make_defense_config(name: str, preset: str = "default", dataset: str | None = None,
+                        base: dict[str, Any] | None = None, **overrides: Any):
+    """The config of defense ``name``: ``base`` (what the harness knows of the data: ``hflip``,
+    ``device``), then the preset (resolved for ``dataset`` where it depends on it), then
+    ``overrides`` (unknown keys are user errors)."""
     entry = defense_entry(name)
     if preset not in entry.presets:
         raise UserError(f"unknown {name} preset {preset!r}; known: {', '.join(entry.presets)}")
     known = {f.name for f in fields(entry.config)}
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted((set(overrides) | set(base or {})) - known)
     if unknown:
         raise UserError(f"unknown {name} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return entry.config(**{**entry.presets[preset], **overrides})
+    chosen = entry.presets[preset]
+    values = chosen(dataset) if callable(chosen) else chosen
+    return entry.config(**{**(base or {}), **values, **overrides})
 
 
 def parse_overrides(items: list[str], name: str) -> dict[str, Any]:
     """``["alpha=0.1", "freeze_bn=false"]`` -> typed overrides of defense ``name``'s config."""
-    types = {f.name: str(f.type) for f in fields(defense_entry(name).config)}
+    return parse_fields(items, defense_entry(name).config, name)
+
+
+def parse_fields(items: list[str], config: type, what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> values typed by the fields of dataclass ``config``."""
+    types = {f.name: str(f.type) for f in fields(config)}
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in types:
-            raise UserError(f"{name} option {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+            raise UserError(f"{what} option {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
         kind = types[key]
         try:
             if kind.startswith("bool"):
                 out[key] = value.lower() in ("1", "true", "yes", "on")
             elif kind.startswith("int"):
-                out[key] = int(value)
+                out[key] = None if value.lower() == "none" and "None" in kind else int(value)
             elif kind.startswith("float"):
-                out[key] = float(value)
+                out[key] = None if value.lower() == "none" and "None" in kind else float(value)
             elif kind.startswith("tuple"):
                 item_type = int if "int" in kind else float if "float" in kind else str
                 out[key] = tuple(item_type(v) for v in value.replace(",", "/").split("/") if v)  # 10/20 or 10,20
             else:
                 out[key] = None if value.lower() == "none" else value
         except ValueError:
-            raise UserError(f"{name} option {item!r}: {value!r} is not a valid {kind}") from None
+            raise UserError(f"{what} option {item!r}: {value!r} is not a valid {kind}") from None
     return out
 
 

@@ -47,10 +47,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.transforms import to_float
+from ..detection.weight_change import mad_outliers
 from ..errors import UserError
 from ..train import TrainConfig, fit
 from .base import CommonConfig, DefenseReport, Monitor, make_defense_config, register_defense
-from .ulrl import mad_outliers
 
 
 @dataclass
@@ -216,7 +216,7 @@ def anomaly_indices(norms: torch.Tensor, threshold: float = 2.0) -> tuple[list[i
     ``|n - median| / (1.4826 * MAD)``; flag the classes BELOW the median with index > ``threshold``,
     smallest norm first.
 
-    This is ULRL's MAD test (:func:`~ulrl.defenses.ulrl.mad_outliers`) applied to the negated norms,
+    This is ULRL's MAD test (:func:`~ulrl.detection.weight_change.mad_outliers`) applied to the negated norms,
     i.e. its exact mirror image. For an even number of classes torch's median is the lower middle
     value, so on the negated norms it is the UPPER middle norm; the reference implementation uses
     the midpoint (numpy), see :func:`reference_anomaly_index`.

@@ -2,22 +2,24 @@
 
 Given a possibly backdoored classifier and a few clean samples:
 
-1. **Unlearn.** Maximise the cross-entropy on the clean set (gradient ascent) until the
-   clean accuracy of an epoch falls to the clean threshold. A backdoored network collapses
-   toward its target class, so the neurons that carry the backdoor move the most.
-2. **Score.** Each neuron of the examined layer (a row of the classifier) is scored by the
-   summed absolute change of its incoming weights; a robust (median/MAD) outlier test flags
-   the suspicious ones.
-3. **Restore and re-initialise.** Go back to the original weights and re-initialise only the
+1. **Find the backdoor's neurons.** The paper: maximise the cross-entropy on the clean set
+   (gradient ascent) until the clean accuracy of an epoch falls to the clean threshold; a
+   backdoored network collapses toward its target class, so the neurons that carry the backdoor
+   move the most. Each neuron of the examined layer (a row of the classifier) is scored by the
+   summed absolute change of its incoming weights; a robust (median/MAD) outlier test flags the
+   suspicious ones (:mod:`ulrl.detection.weight_change`).
+2. **Restore and re-initialise.** Go back to the original weights and re-initialise only the
    flagged neurons.
-4. **Relearn.** Fine-tune on the clean set with a cosine-similarity penalty that pushes each
+3. **Relearn.** Fine-tune on the clean set with a cosine-similarity penalty that pushes each
    flagged neuron away from its original (backdoored) direction.
 
-The ``paper`` preset is the authors' reference configuration. The ``default`` preset adds two
-things we found necessary with 1% of the data (see docs/method.md): a *second look* (unlearn again
-with the first collapse's class masked, since a network can also collapse onto a natural
-attractor class that is not the backdoor's target) and a floor (``cos_margin``) on the cosine
-penalty, so relearned rows are pushed away from their old direction but not to its opposite.
+The ``paper`` preset is the authors' reference code. The ``default`` preset finds the neurons
+with :func:`ulrl.detection.scan` instead (docs/detection.md): step 1's collapse also happens onto
+natural attractor classes and on clean models, so the default asks a calibrated detector which
+classes a backdoor serves, re-initialises exactly those rows, and leaves a model with no evidence
+of a backdoor untouched. It also floors the cosine penalty (``cos_margin``), and relearns with
+the scan's universal perturbation toward each flagged class added to clean images under their
+true labels (``trigger_unlearn``; docs/method.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..detection import ScanConfig, ScanResult, scan
+from ..detection.weight_change import mad_outliers, unlearn
 from ..errors import UserError
 from ..metrics import accuracy
 from ..models import find_classifier
@@ -40,31 +44,41 @@ from .base import DefenseReport, Monitor, make_defense_config, register_defense,
 
 @dataclass
 class ULRLConfig:
-    # Phase 1: unlearning (gradient ascent on the clean set)
-    unlearn_lr: float = 0.01
+    # Phase 1: which neurons (rows of the classifier) carry the backdoor
+    detect: str = "unlearning"  # "unlearning": the paper's weight-change outliers; "scan": ulrl.detection's verdict
+    scan_alpha: float = 0.05  # detect=scan: false-positive rate of the verdict
+    force_repair: bool = False  # detect=scan: repair the most suspicious class even without evidence of a backdoor
+    unlearn_lr: float = 0.01  # unlearning (gradient ascent on the clean set); also the scan's weight-change signal
     unlearn_epochs: int = 20
     unlearn_milestones: tuple[int, ...] = (10, 20)
     clean_threshold: float = 0.2  # stop once an epoch's clean accuracy is <= this
     grad_clip: float = 20.0
     unlearn_freeze_bn: bool = False  # keep BatchNorm statistics fixed while unlearning
-    # Scoring: median/MAD outlier test on per-neuron weight change
     layer: str | None = None  # examined layer; default: the last nn.Linear (the classifier)
     mad_threshold: float = 3.5
     max_neurons: int = 2
-    second_look: bool = False  # unlearn again with the flagged classes masked; flag that collapse too
+    rank_by: str = "score"  # which flagged rows the cap keeps: highest "score" first, or lowest class "index" (reference)
+    second_look: bool = False  # detect=unlearning: unlearn again with the flagged classes masked; flag that collapse too
     second_look_freeze_bn: bool = False  # BatchNorm statistics fixed during the second look
     # Phase 2: relearning with the cosine-similarity penalty
     relearn_lr: float = 0.005
     relearn_epochs: int = 20
+    relearn_weight_decay: float | None = None  # None: the shared weight_decay (the reference relearns with 0)
+    relearn_extra_bn_pass: bool = False  # the reference trainer's second train-mode forward pass per batch
     alpha: float = 0.7  # weight of the cosine penalty
     cos_margin: float = -1.0  # penalise cos(w_k, w_k_original) only above this (-1: always, as the paper)
+    trigger_unlearn: float = 0.0  # detect=scan: weight of the loss on clean images + the scan's perturbation, true labels
+    trigger_scale: float = 1.0  # that perturbation's radius, relative to the radius the scan found
+    trigger_steps: int = 0  # gradient steps that renew the perturbation toward the flagged class at each batch
     # Shared optimiser settings
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
     augment: bool = True
     hflip: bool = True
-    # Our additions (off in the paper preset)
+    crop_pad: int | None = None  # random-crop padding; None: image side // 8 (3 on 28x28), the reference uses 4
+    amp: bool = False  # mixed precision on CUDA (the reference uses it); ignored on the CPU
+    # Options measured in docs/method.md, off in both presets
     holdout: float = 0.0  # fraction of the clean set held out to select the relearning epoch
     freeze_bn: bool = False  # keep BatchNorm statistics of the original model while relearning
     backbone_lr_scale: float = 1.0  # relearning lr of every layer but the examined one, relative
@@ -75,83 +89,46 @@ class ULRLConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise UserError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.max_neurons < 0 or self.relearn_epochs < 0 or self.unlearn_epochs < 0:
-            raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
+        if self.max_neurons < 0 or self.relearn_epochs < 0 or self.unlearn_epochs < 0 or self.trigger_steps < 0:
+            raise UserError("max_neurons, unlearn_epochs, relearn_epochs and trigger_steps must be >= 0")
+        if self.rank_by not in ("score", "index"):
+            raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
+        if self.detect not in ("unlearning", "scan"):
+            raise UserError(f"detect must be 'unlearning' or 'scan', got {self.detect!r}")
 
 
-PRESETS: dict[str, dict] = {
-    "paper": {},  # the reference implementation's defaults (CIFAR-10)
-    "default": {"second_look": True, "cos_margin": -0.3},  # see docs/method.md
+def paper_preset(dataset: str | None) -> dict:
+    """The authors' reference code, per dataset: random crop with padding 4 everywhere, horizontal
+    flip only on CIFAR-10, relearning without weight decay and with a second train-mode forward
+    pass per batch, mixed precision on CUDA, the cap keeping the first flagged rows by class index;
+    relearning lr 0.005 / alpha 0.7 on CIFAR-10 (and datasets they did not configure), lr 0.001 /
+    alpha 0.001 on GTSRB, CIFAR-100 and Tiny-ImageNet. Unknown dataset: the flip is left as the data says."""
+    out = {"crop_pad": 4, "relearn_weight_decay": 0.0, "relearn_extra_bn_pass": True, "amp": True, "rank_by": "index"}
+    if dataset is not None:
+        out["hflip"] = dataset == "cifar10"
+    if dataset in ("gtsrb", "cifar100", "tiny-imagenet"):
+        out.update(relearn_lr=0.001, alpha=0.001)
+    return out
+
+
+PRESETS = {
+    "paper": paper_preset,
+    "default": {"detect": "scan", "cos_margin": -0.3},  # docs/detection.md, docs/method.md
 }
 
 
-def make_config(preset: str = "default", **overrides) -> ULRLConfig:
-    return make_defense_config("ulrl", preset, **overrides)
+def make_config(preset: str = "default", dataset: str | None = None, **overrides) -> ULRLConfig:
+    return make_defense_config("ulrl", preset, dataset=dataset, **overrides)
 
 
-# --- the pieces of the method ----------------------------------------------------------------
-def neuron_scores(w_before: torch.Tensor, w_after: torch.Tensor) -> torch.Tensor:
-    """Per-neuron (row) summed absolute weight change."""
-    return (w_after - w_before).abs().flatten(1).sum(1)
-
-
-def mad_outliers(scores: torch.Tensor, threshold: float = 3.5, cap: int = 2) -> tuple[list[int], torch.Tensor]:
-    """Robust z-scores ``|s - median| / (1.4826 * MAD)``; flag rows with z > threshold and a
-    score above the median, highest score first, at most ``cap``. Returns (flagged, z)."""
-    s = scores.double()
-    med = s.median()
-    dev = (s - med).abs()
-    mad = dev.median()
-    if mad > 0:
-        z = dev / (1.4826 * mad)
-    else:  # more than half the scores are equal: any other score is an outlier
-        z = torch.where(dev > 0, torch.full_like(dev, math.inf), torch.zeros_like(dev))
-    suspicious = ((z > threshold) & (s > med)).nonzero().flatten()
-    ranked = suspicious[s[suspicious].argsort(descending=True)]
-    return ranked[:cap].tolist(), z.float()
-
-
-class _MaskLogits(nn.Module):
-    """The model with some classes' logits pinned very low, so unlearning cannot collapse onto them."""
-
-    def __init__(self, model: nn.Module, classes: list[int]) -> None:
-        super().__init__()
-        self.model, self.classes = model, classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x).clone()
-        out[:, self.classes] = -1e4
-        return out
-
-
-def unlearn(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: ULRLConfig, shared: dict,
-            masked: list[int], freeze_bn: bool, monitor: Monitor | None, progress: bool) -> tuple[torch.Tensor, list[dict]]:
-    """Gradient ascent on the clean set until an epoch's accuracy is <= the clean threshold
-    (BatchNorm on batch statistics, or on the model's running statistics with ``freeze_bn``).
-
-    Returns the per-neuron scores of ``layer`` and the per-epoch history. Classes in ``masked``
-    (and their samples) are left out, and their scores are set to the median of the others.
-    """
-    w_before = layer.weight.detach().clone()
-    net = model
-    if masked:
-        keep = ~torch.isin(y, torch.tensor(masked))
-        x, y, net = x[keep], y[keep], _MaskLogits(model, masked)
-
-    def collapsed(epoch: int, record: dict) -> bool:
-        if monitor is not None:
-            record.update(monitor(model))
-        return record["train_acc"] <= cfg.clean_threshold
-
-    tc = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, schedule="step", milestones=cfg.unlearn_milestones,
-                     grad_clip=cfg.grad_clip, freeze_bn=freeze_bn, **shared)
-    hist = fit(net, x, y, tc, ascent=True, on_epoch=collapsed, desc="ULRL unlearn", progress=progress)
-    scores = neuron_scores(w_before, layer.weight.detach())
-    if masked:
-        others = torch.ones(len(scores), dtype=torch.bool)
-        others[masked] = False
-        scores[masked] = scores[others].median()
-    return scores, hist.epochs
+# --- the pieces of the method ------------------------------------------------------------------
+def scan_config(cfg: ULRLConfig) -> ScanConfig:
+    """The detection scan ULRL runs: its weight-change signal is ULRL's own unlearning."""
+    return ScanConfig(alpha=cfg.scan_alpha, layer=cfg.layer, unlearn_lr=cfg.unlearn_lr, unlearn_epochs=cfg.unlearn_epochs,
+                      unlearn_milestones=cfg.unlearn_milestones, clean_threshold=cfg.clean_threshold,
+                      grad_clip=cfg.grad_clip, mad_threshold=cfg.mad_threshold, momentum=cfg.momentum,
+                      weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=cfg.augment, hflip=cfg.hflip,
+                      crop_pad=cfg.crop_pad, seed=cfg.seed, device=cfg.device)
 
 
 @torch.no_grad()
@@ -179,20 +156,109 @@ def cosine_penalty(layer: nn.Linear, w_original: torch.Tensor, rows: list[int], 
     return penalty
 
 
-def with_distillation(penalty, teacher: nn.Module, flagged: list[int], beta: float):
-    """Add ``beta * KL(teacher || student)`` over the non-flagged classes to ``penalty``; the
-    teacher is the original model, a good classifier on clean images for every class but the flagged."""
+def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float, steps: int = 0):
+    """``beta * CE(model(x + delta_k), y)``: clean images carrying a perturbation that pushes them
+    toward a flagged class ``targets[k]`` keep their true labels, so relearning takes the shortcut
+    away in the whole network, not only in the re-initialised rows. Each image gets one of the
+    perturbations at random; images of that very class are left out. With ``steps`` > 0 each
+    perturbation is renewed at every batch by that many normalised gradient steps toward its class
+    within its L2 radius (it keeps chasing whatever shortcut is left)."""
+    deltas = deltas.clone()
+    radii = deltas.flatten(1).norm(dim=1)
+    tgt = torch.tensor(targets)
+    gen = torch.Generator().manual_seed(0)
+
+    def renew(x: torch.Tensor) -> None:
+        d = deltas.to(x.device).clone().requires_grad_(True)
+        for _ in range(steps):
+            out = model((x[None] + d[:, None]).clamp(0, 1).flatten(0, 1))
+            loss = F.cross_entropy(out, tgt.to(x.device).repeat_interleave(len(x)))
+            g, = torch.autograd.grad(loss, d)
+            with torch.no_grad():
+                g = g.flatten(1) / g.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+                step = d.flatten(1) - 0.5 * radii.to(x.device)[:, None] * g
+                step = step * (radii.to(x.device)[:, None] / step.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
+                d = step.view_as(d).requires_grad_(True)
+        deltas.copy_(d.detach().cpu())
+
+    def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if steps:
+            renew(x[:32])
+        pick = torch.randint(len(targets), (len(y),), generator=gen)
+        keep = (tgt[pick].to(y.device) != y)
+        if not keep.any():
+            return out.sum() * 0
+        xp = (x[keep] + deltas[pick][keep.cpu()].to(x.device)).clamp(0, 1)
+        return beta * F.cross_entropy(model(xp), y[keep])
+
+    return penalty
+
+
+def with_distillation(teacher: nn.Module, flagged: list[int], beta: float):
+    """``beta * KL(teacher || student)`` over the non-flagged classes; the teacher is the original
+    model, a good classifier on clean images for every class but the flagged."""
     teacher = teacher.eval().requires_grad_(False)
 
-    def total(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x)
         keep = torch.ones(out.shape[1], dtype=torch.bool, device=out.device)
         keep[flagged] = False
-        kd = F.kl_div(F.log_softmax(out[:, keep], 1), F.log_softmax(t[:, keep], 1), log_target=True, reduction="batchmean")
-        return beta * kd + (penalty(x, out, y) if penalty is not None else 0.0)
+        return beta * F.kl_div(F.log_softmax(out[:, keep], 1), F.log_softmax(t[:, keep], 1), log_target=True,
+                               reduction="batchmean")
 
-    return total
+    return penalty
+
+
+def summed(penalties: list):
+    """One penalty that adds several (None when there are none)."""
+    if not penalties:
+        return None
+    return lambda x, out, y: sum(p(x, out, y) for p in penalties)
+
+
+def find_by_unlearning(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, cfg: ULRLConfig,
+                       train: TrainConfig, report: DefenseReport, monitor: Monitor | None, progress: bool) -> list[int]:
+    """The paper's step 1 (and, with ``second_look``, a second unlearning with the first collapse's
+    classes masked). Leaves ``model`` unlearned; the caller restores it."""
+    original = copy.deepcopy(model.state_dict())
+    scores, report.unlearn_history = unlearn(model, layer, x, y, TrainConfig(**{**train.to_dict(), "freeze_bn": cfg.unlearn_freeze_bn}),
+                                             cfg.clean_threshold, monitor=monitor, progress=progress)
+    report.unlearn_epochs = len(report.unlearn_history)
+    if report.unlearn_history and report.unlearn_history[-1]["train_acc"] > cfg.clean_threshold:
+        report.notes.append(f"unlearning did not reach the clean threshold {cfg.clean_threshold} in {cfg.unlearn_epochs} epochs")
+    flagged, z = mad_outliers(scores, cfg.mad_threshold, cfg.max_neurons, cfg.rank_by)
+    if cfg.second_look and flagged and len(flagged) < cfg.max_neurons:
+        model.load_state_dict(original)
+        second = TrainConfig(**{**train.to_dict(), "freeze_bn": cfg.second_look_freeze_bn})
+        scores2, _ = unlearn(model, layer, x, y, second, cfg.clean_threshold, masked=flagged, progress=progress)
+        more, z2 = mad_outliers(scores2, cfg.mad_threshold, cfg.max_neurons - len(flagged), cfg.rank_by)
+        report.notes.append(f"second look with classes {flagged} masked flagged {more}")
+        report.second_look_z_scores = z2.tolist()
+        flagged = flagged + more
+    report.scores, report.z_scores = scores.tolist(), z.tolist()
+    if not flagged:
+        report.notes.append("no suspicious neuron found: relearning is plain fine-tuning")
+    return flagged
+
+
+def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLConfig, report: DefenseReport,
+                 progress: bool) -> tuple[list[int], ScanResult]:
+    """The default step 1: the rows of the classes the detection scan suspects, up to the cap."""
+    result = scan(model, x, y, scan_config(cfg), progress=progress)
+    report.extra["scan"] = result.to_dict()
+    wc = result.signals.get("weight-change")
+    if wc is not None:
+        report.scores, report.z_scores = wc.statistic, wc.z
+        report.unlearn_epochs = wc.extra.get("epochs", 0)
+    flagged = result.suspected[: cfg.max_neurons]
+    if len(result.suspected) > cfg.max_neurons:
+        report.notes.append(f"the scan suspects {result.suspected}; the cap (max_neurons={cfg.max_neurons}) keeps {flagged}")
+    if not flagged and cfg.force_repair:
+        flagged = [min(range(result.num_classes), key=lambda c: result.p_class[c])]
+        report.notes.append(f"no evidence of a backdoor (p = {result.p_value:.3g}); force_repair relearns the most "
+                            f"suspicious class {flagged}")
+    return flagged, result
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -216,45 +282,44 @@ def purify(
     layer_name, layer = find_classifier(model, cfg.layer)
     report = DefenseReport(defense="ulrl", config=asdict(cfg), layer=layer_name)
     gen = torch.Generator().manual_seed(cfg.seed)
-    shared = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-                  augment=cfg.augment, hflip=cfg.hflip, seed=cfg.seed, device=cfg.device)
+    shared = dict(momentum=cfg.momentum, batch_size=cfg.batch_size, augment=cfg.augment, hflip=cfg.hflip,
+                  crop_pad=cfg.crop_pad, amp=cfg.amp, seed=cfg.seed, device=cfg.device)
     train_pos, held_pos = split_holdout(y, cfg.holdout, cfg.seed)
     x_train, y_train, x_held, y_held = x[train_pos], y[train_pos], x[held_pos], y[held_pos]
     original_state = copy.deepcopy(model.state_dict())
     w_original = layer.weight.detach().clone()
 
-    # Phase 1: unlearn until the clean accuracy collapses, score the neurons, flag the outliers.
+    # Phase 1: find the neurons that carry the backdoor.
     t0 = time.perf_counter()
-    scores, report.unlearn_history = unlearn(model, layer, x_train, y_train, cfg, shared, [], cfg.unlearn_freeze_bn,
-                                                 monitor, progress)
-    report.unlearn_epochs = len(report.unlearn_history)
-    if report.unlearn_history and report.unlearn_history[-1]["train_acc"] > cfg.clean_threshold:
-        report.notes.append(f"unlearning did not reach the clean threshold {cfg.clean_threshold} in {cfg.unlearn_epochs} epochs")
-    flagged, z = mad_outliers(scores, cfg.mad_threshold, cfg.max_neurons)
-    if cfg.second_look and flagged and len(flagged) < cfg.max_neurons:
-        # A network can also collapse onto a "natural attractor" class that is not the backdoor's
-        # target. Look again with the flagged classes masked out, and flag that collapse too.
-        model.load_state_dict(original_state)
-        scores2, _ = unlearn(model, layer, x_train, y_train, cfg, shared, flagged, cfg.second_look_freeze_bn,
-                             None, progress)
-        more, z2 = mad_outliers(scores2, cfg.mad_threshold, cfg.max_neurons - len(flagged))
-        report.notes.append(f"second look with classes {flagged} masked flagged {more}")
-        report.second_look_z_scores = z2.tolist()
-        flagged = flagged + more
-    report.scores, report.z_scores, report.flagged = scores.tolist(), z.tolist(), flagged
-    if not flagged:
-        report.notes.append("no suspicious neuron found: relearning is plain fine-tuning")
+    result = None
+    if cfg.detect == "scan":
+        flagged, result = find_by_scan(model, x_train, y_train, cfg, report, progress)
+    else:
+        unlearning = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, schedule="step",
+                                 milestones=cfg.unlearn_milestones, grad_clip=cfg.grad_clip,
+                                 weight_decay=cfg.weight_decay, **shared)
+        flagged = find_by_unlearning(model, layer, x_train, y_train, cfg, unlearning, report, monitor, progress)
+    report.flagged = flagged
     report.seconds["unlearn"] = time.perf_counter() - t0
+    model.load_state_dict(original_state)
+    if result is not None and not flagged:
+        report.notes.append(f"no evidence of a backdoor (scan p = {result.p_value:.3g} > alpha = {cfg.scan_alpha}): "
+                            "the model's weights are left unchanged (force_repair=true repairs anyway)")
+        report.seconds["relearn"] = 0.0
+        report.seconds["total"] = report.seconds["unlearn"]
+        return model.eval(), report
 
     # Phase 2: restore the original weights, re-initialise the flagged neurons, relearn with the
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
-    model.load_state_dict(original_state)
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
     reinitialise(layer, flagged, gen)
-    penalty = cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin) if flagged else None
+    penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
     if teacher is not None:
-        penalty = with_distillation(penalty, teacher, flagged, cfg.distill)
+        penalties.append(with_distillation(teacher, flagged, cfg.distill))
+    if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
+        deltas = result.perturbations[flagged] * cfg.trigger_scale
+        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, cfg.trigger_steps))
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
     def track(epoch: int, record: dict) -> None:
@@ -266,9 +331,11 @@ def purify(
             record.update(monitor(model))
 
     prefix = layer_name + "."
-    relearn = TrainConfig(epochs=cfg.relearn_epochs, lr=cfg.relearn_lr, schedule="cosine", freeze_bn=cfg.freeze_bn, **shared)
-    hist = fit(model, x_train, y_train, relearn, penalty=penalty, on_epoch=track, desc="ULRL relearn", progress=progress,
-               lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
+    wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
+    relearn = TrainConfig(epochs=cfg.relearn_epochs, lr=cfg.relearn_lr, schedule="cosine", freeze_bn=cfg.freeze_bn,
+                          weight_decay=wd, extra_bn_pass=cfg.relearn_extra_bn_pass, **shared)
+    hist = fit(model, x_train, y_train, relearn, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn",
+               progress=progress, lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
     report.relearn_history = hist.epochs
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -278,5 +345,5 @@ def purify(
     return model.eval(), report
 
 
-__all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "mad_outliers", "make_config", "neuron_scores",
-           "purify", "reinitialise", "unlearn"]
+__all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
+           "reinitialise", "scan_config", "trigger_unlearning"]

@@ -1,0 +1,131 @@
+"""Signal: how small a universal perturbation sends clean images of other classes to each class.
+
+A backdoor is a shortcut: one small input change (the trigger) sends images of every class to
+the target. So for each class ``t`` we look for the smallest *dense* universal perturbation
+``delta_t`` (one tensor, added to every image, L2-bounded) that makes the model predict ``t`` on
+clean images of the other classes. The search grows the L2 radius geometrically (a continuation:
+one normalised gradient step per radius, then projection on the ball) and records, per class
+and per source class, the radius at which half of the images first flip. A class that is reached
+at an abnormally small radius is a backdoor target. Dense, not sparse: the perturbation may
+spread over the whole image, so whole-image and clean-label triggers (Blended, SIG, LC, WaNet,
+frequency triggers) are found as well as patches.
+
+Radii are reported as RMS per pixel value (L2 norm / sqrt(C*H*W), images in [0, 1]), so they
+mean the same at every image size. The per-class statistic is ``-log(radius)`` (higher is more
+suspicious); per-source radii also give a source x target matrix, which exposes all-to-all
+backdoors (every source class reached at a small radius, each toward its own target).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.transforms import to_float
+
+
+@dataclass
+class UniversalConfig:
+    per_class: int = 6  # clean images per source class used in the search
+    min_rms: float = 0.004  # first radius (RMS per pixel value)
+    max_rms: float = 0.5  # last radius
+    growth: float = 1.12  # radius ratio between consecutive steps
+    step: float = 0.5  # gradient step length, relative to the current radius
+    flip: float = 0.5  # fraction of images that must reach the class
+    stop: float = 0.5  # a class's search stops once this fraction reached it
+    per_image: bool = False  # one perturbation per image instead of one per class (the sample-specific baseline)
+    norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
+    batch_size: int = 512
+
+
+def _sample(x: torch.Tensor, y: torch.Tensor, k: int, per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for c in range(k):
+        pos = (y == c).nonzero().flatten()
+        pos = pos[torch.randperm(len(pos), generator=gen)[:per_class]]
+        xs.append(to_float(x[pos]))
+        ys.append(y[pos])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _crossing(frac: torch.Tensor, log_r: torch.Tensor, level: float) -> float:
+    """The log radius at which ``frac`` (per step) first reaches ``level``, interpolated linearly
+    in log radius between the two steps around it; ``inf`` if it never does."""
+    above = (frac >= level).nonzero().flatten()
+    if len(above) == 0:
+        return math.inf
+    i = int(above[0])
+    if i == 0:
+        return float(log_r[0])
+    f0, f1 = float(frac[i - 1]), float(frac[i])
+    w = (level - f0) / max(f1 - f0, 1e-12)
+    return float(log_r[i - 1] + w * (log_r[i] - log_r[i - 1]))
+
+
+def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: UniversalConfig,
+                    seed: int = 0, device: str = "cpu", progress: bool = False) -> dict:
+    """Per target class: the RMS radius at which ``cfg.flip`` of the other classes' images flip to
+    it (``radius``), and per (source, target) the radius at which that source's images do
+    (``pair_radius[s][t]``); ``inf`` where the search stopped first (it stops for a class once the
+    class is reached). Also the final perturbations (``deltas``, K x C x H x W)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.eval()
+    xs, ys = _sample(x, y, num_classes, cfg.per_class, gen)
+    xs, ys = xs.to(device), ys.to(device)
+    n = len(ys)
+    shape = xs.shape[1:]
+    dim = math.prod(shape)
+    k = num_classes
+    targets = torch.arange(k, device=device)
+    others = ys[None, :] != targets[:, None]  # (K, n): images of other classes
+    source = torch.nn.functional.one_hot(ys, k).float().T  # (K sources, n)
+    source = source / source.sum(1, keepdim=True).clamp_min(1)
+    delta = torch.zeros(k, *((n,) if cfg.per_image else ()), *shape, device=device)
+    steps = math.ceil(math.log(cfg.max_rms / cfg.min_rms) / math.log(cfg.growth)) + 1
+    log_r = torch.tensor([math.log(cfg.min_rms * cfg.growth**i) for i in range(steps)])
+    frac = torch.full((steps, k), math.nan)  # fraction of other classes' images reaching t
+    pair_frac = torch.full((steps, k, k), math.nan)  # [step, source, target]
+    active = torch.ones(k, dtype=torch.bool)
+    used = 0
+    for i in tqdm(range(steps), desc="scan: universal perturbations", disable=not progress, leave=False):
+        live = active.nonzero().flatten()
+        if len(live) == 0:
+            break
+        used = i + 1
+        r = math.exp(float(log_r[i])) * (math.sqrt(dim) if cfg.norm == "l2" else 1.0)
+        d = delta[live].clone().requires_grad_(True)
+        xb = (xs[None] + (d if cfg.per_image else d[:, None])).clamp(0, 1).flatten(0, 1)
+        tb = live.to(device).repeat_interleave(n)
+        weight = others[live].flatten().float()
+        preds, grads = [], torch.zeros_like(d)
+        for j in range(0, len(tb), cfg.batch_size):  # chunks: the batch is (live classes) x n images
+            sl = slice(j, j + cfg.batch_size)
+            out = model(xb[sl])
+            loss = (F.cross_entropy(out, tb[sl], reduction="none") * weight[sl]).sum()
+            grads += torch.autograd.grad(loss, d, retain_graph=j + cfg.batch_size < len(tb))[0]
+            preds.append(out.argmax(1).detach())
+        with torch.no_grad():
+            hit = (torch.cat(preds).view(len(live), n) == live.to(device)[:, None]).float()
+            frac[i, live] = ((hit * others[live]).sum(1) / others[live].sum(1)).cpu()
+            pair_frac[i][:, live] = (source @ hit.T).cpu()
+            flat = 2 if cfg.per_image else 1
+            g = grads.flatten(flat)
+            if cfg.norm == "linf":  # signed step, then clip every pixel to the radius
+                nd = (d.detach().flatten(flat) - cfg.step * r * g.sign()).clamp(-r, r)
+            else:  # normalised step, then projection on the L2 ball
+                g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                nd = d.detach().flatten(flat) - cfg.step * r * g
+                nd = nd * (r / nd.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+            delta[live] = nd.view_as(d)
+            active[live[frac[i, live] >= max(cfg.flip, cfg.stop)]] = False  # reached: its radius is known
+    log_r = log_r[:used]
+    radius = [math.exp(_crossing(frac[:used, t], log_r, cfg.flip)) for t in range(k)]
+    levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)] for q in (0.25, 0.5, 0.75, 0.9)}
+    pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, cfg.flip))
+             for t in range(k)] for s in range(k)]
+    return {"radius": radius, "pair_radius": pair, "deltas": delta.cpu(), "images": n, "steps": used, "levels": levels}

@@ -1,0 +1,150 @@
+"""Detection: each signal finds a planted target; the verdict's false-positive rate holds on random
+scores; scan.json validates against its schema; ``ulrl scan`` exit codes."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import ulrl
+from ulrl.attacks import build_attack
+from ulrl.cli import main
+from ulrl.data.readers import synthetic
+from ulrl.detection import ScanConfig, scan, stats
+from ulrl.errors import UserError
+
+FAST = dict(uap_per_class=4, margin_steps=40)
+K = 8  # classes of the toy data: enough for the per-class outlier tests to have power
+SPEC = "badnets:patch_size=3,target=2,rate=0.1"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return synthetic(num_classes=K, n_train=800, n_test=200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted(toy):
+    """cnn-small on the toy set with a BadNets backdoor toward class 2 (and a clean twin)."""
+    attack = build_attack(SPEC, K)
+    x, y, _ = attack.poison_train(toy.train_x, toy.train_y)
+    models = {}
+    for name, (xs, ys) in {"backdoored": (x, y), "clean": (toy.train_x, toy.train_y)}.items():
+        torch.manual_seed(0)
+        m = ulrl.create_model("cnn-small", K, toy.in_channels, toy.image_size)
+        ulrl.fit(m, xs, ys, ulrl.TrainConfig(epochs=8, lr=0.02, batch_size=32, augment=False), progress=False)
+        models[name] = m
+    triggered = attack.trigger_uint8(toy.test_x[toy.test_y != 2])
+    assert (ulrl.metrics.predict(models["backdoored"], triggered) == 2).float().mean() > 0.9  # the backdoor works
+    idx = ulrl.clean_subset(toy.train_y, ratio=0.25, seed=0)
+    return models, toy.train_x[idx], toy.train_y[idx]
+
+
+def test_each_signal_ranks_the_planted_target_first(planted):
+    models, x, y = planted
+    result = scan(models["backdoored"], x, y, ScanConfig(**FAST), progress=False)
+    for name, ev in result.signals.items():
+        assert max(range(K), key=lambda c: ev.z[c]) == 2, (name, ev.z)
+    assert result.suspected[:1] == [2] and result.verdict == "backdoored" and result.kind == "all-to-one"
+    assert 0 <= result.p_value <= result.alpha
+    assert result.perturbations.shape == (K, 1, 16, 16)
+
+
+def test_scan_leaves_the_model_alone_and_checks_the_clean_set(planted):
+    models, x, y = planted
+    before = {k: v.clone() for k, v in models["clean"].state_dict().items()}
+    scan(models["clean"], x, y, ScanConfig(**FAST, signals=("universal", "weight-change"),
+                                           verdict_signals=("universal",)), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in models["clean"].state_dict().items())
+    partial = scan(models["clean"], x[y != 1], y[y != 1], ScanConfig(**FAST, signals=("universal", "margin")), progress=False)
+    assert "no image of class(es) [1]" in partial.notes[0]
+    with pytest.raises(UserError, match="unknown detection signal"):
+        ScanConfig(signals=("universal", "tea-leaves"))
+
+
+@pytest.mark.parametrize("df", [5.0, math.inf])
+def test_verdict_false_positive_rate_holds_on_random_scores(df):
+    """Scores drawn i.i.d. from the null family: the model-level p-value is uniform, so the
+    verdict fires at rate alpha (one signal and the Fisher combination of two)."""
+    gen = torch.Generator().manual_seed(123)
+    n, alpha, fired_one, fired_two = 1500, 0.05, 0, 0
+    for _ in range(n):
+        draws = torch.randn(2, 10, generator=gen, dtype=torch.float64)
+        if math.isfinite(df):
+            draws = draws / (torch.randn(2, 10, int(df), generator=gen, dtype=torch.float64).pow(2).mean(-1)).sqrt()
+        tests = [stats.outlier_test(v, df) for v in draws]
+        fired_one += tests[0]["p_model"] <= alpha
+        fired_two += stats.combine(torch.tensor([t["p"] for t in tests]), df)["p_model"] <= alpha
+    se = math.sqrt(alpha * (1 - alpha) / n)
+    for fired in (fired_one, fired_two):
+        assert abs(fired / n - alpha) < 4 * se, fired / n
+
+
+def test_outlier_test_orders_and_handles_unreached_classes():
+    v = [0.0, 0.1, -0.1, 0.05, -0.05, 0.02, -0.02, 3.0, 0.03, -0.03]
+    r = stats.outlier_test(v)
+    assert max(range(10), key=lambda c: r["z"][c]) == 7 and r["p_model"] < 0.01
+    r = stats.outlier_test([-math.inf, 0.0, 0.1, -0.1, 0.05])  # a class never reached is the most benign
+    assert min(range(5), key=lambda c: r["z"][c]) == 0 and r["p"][0] > 0.5
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, toy):
+    """The toy data as a class-per-folder tree (what a user would pass as --data DIR) and a
+    backdoored checkpoint trained on it through the CLI."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("scan")
+    for split, xs, ys in (("train", toy.train_x, toy.train_y), ("test", toy.test_x, toy.test_y)):
+        for i, (img, label) in enumerate(zip(xs, ys, strict=True)):
+            folder = d / "data" / split / f"c{int(label)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
+    assert main(["train", "--data", str(d / "data"), "--epochs", "8", "--lr", "0.02", "--batch-size", "32",
+                 "--attack", SPEC, "--no-augment", "--out", str(d / "bd.safetensors"), "--no-progress"]) == 0
+    return d
+
+
+def _scan(d: Path, model: Path, out: Path, *more: str) -> int:
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
+    return main(["scan", "--model", str(model), "--data", str(d / "data"), "--clean-ratio", "0.25", "--out", str(out),
+                 "--no-progress", *sets, *more])
+
+
+def test_scan_cli_writes_schema_valid_json_and_exit_codes(ckpts, tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(ulrl.__file__).parent / "detection" / "scan.schema.json").read_text())
+    assert _scan(ckpts, ckpts / "bd.safetensors", tmp_path / "a") == 0  # without --fail-on-detect: 0 either way
+    assert "BACKDOORED" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / "scan.json").read_text())
+    jsonschema.validate(record, schema)
+    assert record["verdict"] == "backdoored" and record["suspected"][0] == 2
+    assert record["model"]["sha256"] and (tmp_path / "a" / "scan.png").stat().st_size > 0
+    assert _scan(ckpts, ckpts / "bd.safetensors", tmp_path / "b", "--fail-on-detect") == 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**record, "verdict": "maybe"}, schema)
+
+
+def test_scan_cli_bad_input_is_exit_2(ckpts, tmp_path, capsys):
+    assert _scan(ckpts, ckpts / "bd.safetensors", tmp_path / "c", "--set", "alpha=2") == 2
+    assert "alpha" in capsys.readouterr().err
+    assert _scan(ckpts, tmp_path / "missing.safetensors", tmp_path / "d", "--fail-on-detect") == 2
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "scan.json").write_text("{}")
+    assert _scan(ckpts, ckpts / "bd.safetensors", tmp_path / "e") == 2  # never over an existing result
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_all_to_all_rank_test():
+    gen = torch.Generator().manual_seed(0)
+    k = 10
+    pair = (torch.rand(k, k, generator=gen) + 0.5).tolist()
+    r = stats.cyclic_all_to_all(pair)
+    assert r["p"] > 0.05  # no shift is special
+    for s in range(k):
+        pair[s][(s + 3) % k] = 0.1  # every source reaches its (s + 3) class first
+    r = stats.cyclic_all_to_all(pair)
+    assert r["shift"] == 3 and r["p"] < 1e-6
+    assert stats.rank_sum_p([0] * 5, 9) == pytest.approx(9.0**-5) and stats.rank_sum_p([8] * 5, 9) == pytest.approx(1.0)
