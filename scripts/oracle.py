@@ -14,7 +14,7 @@ from ulrl.data import load_dataset
 from ulrl.pipeline import run_defense, select_clean
 
 _mad = method.mad_outliers
-method.mad_outliers = lambda scores, threshold, cap: ([0], _mad(scores, threshold, cap)[1])
+method.mad_outliers = lambda scores, threshold, cap, rank_by="score": ([0], _mad(scores, threshold, cap)[1])
 
 for ckpt in sys.argv[1:]:
     model, meta, tensors = load_checkpoint(ckpt)

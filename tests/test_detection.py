@@ -148,3 +148,19 @@ def test_all_to_all_rank_test():
     r = stats.cyclic_all_to_all(pair)
     assert r["shift"] == 3 and r["p"] < 1e-6
     assert stats.rank_sum_p([0] * 5, 9) == pytest.approx(9.0**-5) and stats.rank_sum_p([8] * 5, 9) == pytest.approx(1.0)
+
+
+def test_ulrl_default_repairs_the_suspected_class_and_leaves_a_clean_model_alone(planted, toy):
+    models, x, y = planted
+    attack = build_attack(SPEC, K)
+    triggered = attack.trigger_uint8(toy.test_x[toy.test_y != 2])
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=4, progress=False)
+    assert report.flagged == [2] and report.extra["scan"]["verdict"] == "backdoored"
+    asr = (ulrl.metrics.predict(repaired, triggered) == 2).float().mean().item()
+    assert asr < 0.5, asr
+    same, report = ulrl.purify(models["clean"], (x, y), progress=False)
+    assert report.flagged == [] and report.extra["scan"]["verdict"] == "no evidence"
+    assert any("left unchanged" in n for n in report.notes) and not report.relearn_history
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["clean"].state_dict().values(), strict=True))
+    _, forced = ulrl.purify(models["clean"], (x, y), force_repair=True, relearn_epochs=1, progress=False)
+    assert len(forced.flagged) == 1 and forced.relearn_history

@@ -17,9 +17,11 @@ The ``paper`` preset is the authors' reference code. The ``default`` preset find
 with :func:`ulrl.detection.scan` instead (docs/detection.md): step 1's collapse also happens onto
 natural attractor classes and on clean models, so the default asks a calibrated detector which
 classes a backdoor serves, re-initialises exactly those rows, and leaves a model with no evidence
-of a backdoor untouched. It also floors the cosine penalty (``cos_margin``), and relearns with
-the scan's universal perturbation toward each flagged class added to clean images under their
-true labels (``trigger_unlearn``; docs/method.md).
+of a backdoor untouched. Its repair (docs/method.md, Finding 4) scales each re-initialised
+(random) row to the norm and bias of the other rows (``reinit="matched"``), floors the cosine
+penalty (``cos_margin``), and relearns with half of the scan's universal perturbation toward
+each flagged class added to clean images under their true labels (``trigger_unlearn``,
+``trigger_scale``), which takes the backdoor out of the features as well as the row.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import to_float
 from ..detection import ScanConfig, ScanResult, scan
 from ..detection.weight_change import mad_outliers, unlearn
 from ..errors import UserError
@@ -67,9 +70,10 @@ class ULRLConfig:
     relearn_extra_bn_pass: bool = False  # the reference trainer's second train-mode forward pass per batch
     alpha: float = 0.7  # weight of the cosine penalty
     cos_margin: float = -1.0  # penalise cos(w_k, w_k_original) only above this (-1: always, as the paper)
+    reinit: str = "he"  # "he": the paper's He-uniform rows, bias 0; "matched": the same scaled to the other rows' median norm
+    # and bias; "prototype": the flagged class's mean clean feature at that scale (docs/method.md)
     trigger_unlearn: float = 0.0  # detect=scan: weight of the loss on clean images + the scan's perturbation, true labels
-    trigger_scale: float = 1.0  # that perturbation's radius, relative to the radius the scan found
-    trigger_steps: int = 0  # gradient steps that renew the perturbation toward the flagged class at each batch
+    trigger_scale: float = 1.0  # that perturbation's size, relative to the one the scan found (90% of images flipped)
     # Shared optimiser settings
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -89,10 +93,14 @@ class ULRLConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise UserError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.max_neurons < 0 or self.relearn_epochs < 0 or self.unlearn_epochs < 0 or self.trigger_steps < 0:
-            raise UserError("max_neurons, unlearn_epochs, relearn_epochs and trigger_steps must be >= 0")
+        if self.max_neurons < 0 or self.relearn_epochs < 0 or self.unlearn_epochs < 0:
+            raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
+        if self.trigger_unlearn < 0 or self.trigger_scale <= 0:
+            raise UserError("trigger_unlearn must be >= 0 and trigger_scale > 0")
         if self.rank_by not in ("score", "index"):
             raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
+        if self.reinit not in ("he", "matched", "prototype"):
+            raise UserError(f"reinit must be 'he', 'matched' or 'prototype', got {self.reinit!r}")
         if self.detect not in ("unlearning", "scan"):
             raise UserError(f"detect must be 'unlearning' or 'scan', got {self.detect!r}")
 
@@ -113,7 +121,8 @@ def paper_preset(dataset: str | None) -> dict:
 
 PRESETS = {
     "paper": paper_preset,
-    "default": {"detect": "scan", "cos_margin": -0.3},  # docs/detection.md, docs/method.md
+    # docs/detection.md; docs/method.md, Finding 4
+    "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5},
 }
 
 
@@ -132,15 +141,52 @@ def scan_config(cfg: ULRLConfig) -> ScanConfig:
 
 
 @torch.no_grad()
-def reinitialise(layer: nn.Linear, rows: list[int], generator: torch.Generator) -> None:
-    """He-style uniform re-initialisation of the given rows: U(-std, std), std = sqrt(2/fan_in); bias 0."""
+def reinitialise(layer: nn.Linear, rows: list[int], generator: torch.Generator, how: str = "he",
+                 prototypes: torch.Tensor | None = None) -> None:
+    """Re-initialise the given rows. ``he`` (the paper): U(-std, std), std = sqrt(2/fan_in), bias 0.
+    ``matched``: the same random direction scaled to the median norm of the other rows, bias their
+    median. ``prototype``: the direction of ``prototypes`` (one mean clean feature per row) at that
+    scale: the row starts as a nearest-class-mean classifier of clean data, with none of its old weights."""
     if not rows:
         return
     std = math.sqrt(2.0 / layer.weight.shape[1])
     new = (torch.rand(len(rows), layer.weight.shape[1], generator=generator) * 2 - 1) * std
+    if how == "prototype" and prototypes is not None:
+        new = prototypes.cpu().float()
+    others = [r for r in range(layer.weight.shape[0]) if r not in rows]
+    scaled = how in ("matched", "prototype") and others
+    if scaled:
+        new = new / new.norm(dim=1, keepdim=True).clamp_min(1e-12) * layer.weight[others].norm(dim=1).median().cpu()
     layer.weight[rows] = new.to(layer.weight)
     if layer.bias is not None:
-        layer.bias[rows] = 0.0
+        layer.bias[rows] = layer.bias[others].median() if scaled else 0.0
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Linear, x: torch.Tensor, device: str = "cpu",
+                 delta: torch.Tensor | None = None) -> torch.Tensor:
+    """The inputs of ``layer`` (penultimate features) for images ``x`` (plus ``delta``), model in eval mode."""
+    feats = []
+    handle = layer.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1).cpu()))
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, len(x), 256):
+            xb = to_float(x[i: i + 256]).to(device)
+            model(xb if delta is None else (xb + delta.to(device)).clamp(0, 1))
+    finally:
+        handle.remove()
+        model.train(was)
+    return torch.cat(feats)
+
+
+def class_prototypes(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, classes: list[int],
+                     device: str = "cpu") -> torch.Tensor:
+    """Mean input of ``layer`` (the penultimate features) over the clean images of each class, centred
+    on the mean over all classes."""
+    f = layer_inputs(model, layer, x, device)
+    centre = torch.stack([f[y == c].mean(0) for c in y.unique()]).mean(0)
+    return torch.stack([f[y == c].mean(0) - centre for c in classes])
 
 
 def cosine_penalty(layer: nn.Linear, w_original: torch.Tensor, rows: list[int], alpha: float, margin: float = -1.0):
@@ -156,39 +202,20 @@ def cosine_penalty(layer: nn.Linear, w_original: torch.Tensor, rows: list[int], 
     return penalty
 
 
-def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float, steps: int = 0):
-    """``beta * CE(model(x + delta_k), y)``: clean images carrying a perturbation that pushes them
-    toward a flagged class ``targets[k]`` keep their true labels, so relearning takes the shortcut
-    away in the whole network, not only in the re-initialised rows. Each image gets one of the
-    perturbations at random; images of that very class are left out. With ``steps`` > 0 each
-    perturbation is renewed at every batch by that many normalised gradient steps toward its class
-    within its L2 radius (it keeps chasing whatever shortcut is left)."""
-    deltas = deltas.clone()
-    radii = deltas.flatten(1).norm(dim=1)
+def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float):
+    """``beta * CE(model(x + delta_k), y)``: clean images carrying the scan's perturbation toward a
+    flagged class ``targets[k]`` keep their true labels, so relearning takes the shortcut away in
+    the whole network, not only in the re-initialised rows. Each image gets one of the
+    perturbations at random; images of that very class are left out."""
     tgt = torch.tensor(targets)
     gen = torch.Generator().manual_seed(0)
 
-    def renew(x: torch.Tensor) -> None:
-        d = deltas.to(x.device).clone().requires_grad_(True)
-        for _ in range(steps):
-            out = model((x[None] + d[:, None]).clamp(0, 1).flatten(0, 1))
-            loss = F.cross_entropy(out, tgt.to(x.device).repeat_interleave(len(x)))
-            g, = torch.autograd.grad(loss, d)
-            with torch.no_grad():
-                g = g.flatten(1) / g.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
-                step = d.flatten(1) - 0.5 * radii.to(x.device)[:, None] * g
-                step = step * (radii.to(x.device)[:, None] / step.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1)
-                d = step.view_as(d).requires_grad_(True)
-        deltas.copy_(d.detach().cpu())
-
     def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if steps:
-            renew(x[:32])
         pick = torch.randint(len(targets), (len(y),), generator=gen)
-        keep = (tgt[pick].to(y.device) != y)
+        keep = tgt[pick].to(y.device) != y
         if not keep.any():
             return out.sum() * 0
-        xp = (x[keep] + deltas[pick][keep.cpu()].to(x.device)).clamp(0, 1)
+        xp = (x[keep] + deltas[pick[keep.cpu()]].to(x.device)).clamp(0, 1)
         return beta * F.cross_entropy(model(xp), y[keep])
 
     return penalty
@@ -313,13 +340,14 @@ def purify(
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
-    reinitialise(layer, flagged, gen)
+    protos = class_prototypes(model, layer, x_train, y_train, flagged, cfg.device) if cfg.reinit == "prototype" else None
+    reinitialise(layer, flagged, gen, cfg.reinit, protos)
     penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
     if teacher is not None:
         penalties.append(with_distillation(teacher, flagged, cfg.distill))
     if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
         deltas = result.perturbations[flagged] * cfg.trigger_scale
-        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, cfg.trigger_steps))
+        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn))
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
     def track(epoch: int, record: dict) -> None:

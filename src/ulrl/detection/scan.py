@@ -38,6 +38,7 @@ class ScanConfig:
     signals: tuple[str, ...] = SIGNALS  # which signals to run
     verdict_signals: tuple[str, ...] | None = None  # the ones combined into the verdict (None: every signal run)
     alpha: float = 0.05  # verdict threshold on the model's p-value: the nominal false-positive rate
+    all_to_all_share: float = 0.1  # share of alpha spent on the all-to-all test (weighted Bonferroni; 0: off)
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
     null_df_universal: float = math.inf
     null_df_margin: float = 3.0
@@ -79,6 +80,8 @@ class ScanConfig:
             raise UserError("verdict_signals must be a non-empty subset of signals")
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not 0.0 <= self.all_to_all_share < 1.0:
+            raise UserError(f"all_to_all_share must be in [0, 1), got {self.all_to_all_share}")
 
 
 @dataclass
@@ -208,14 +211,15 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     p_class, p_one = comb["p"], comb["p_model"]
     order = sorted(range(k), key=lambda c: p_class[c])
     a2a: dict[str, Any] = {}
-    if "universal" in evidence:
+    p_value, share = p_one, cfg.all_to_all_share
+    if "universal" in evidence and share > 0:
         pair = [[math.inf if v is None else v for v in row] for row in evidence["universal"].extra["pair_radius"]]
         a2a = stats.cyclic_all_to_all(pair, cfg.seed)
-    p_value = min(1.0, 2 * min(p_one, a2a["p"])) if a2a else p_one  # Bonferroni over the two kinds
+        p_value = min(1.0, p_one / (1 - share), a2a["p"] / share)  # weighted Bonferroni over the two kinds
     suspected: list[int] = []
     kind = "none"
     if p_value <= cfg.alpha:
-        if a2a and a2a["p"] < p_one:  # every class is a target: (s + shift) mod K for source s
+        if a2a and a2a["p"] / share < p_one / (1 - share):  # every class is a target: (s + shift) mod K
             kind, suspected = "all-to-all", [(s + a2a["shift"]) % k for s in range(k)]
         else:
             kind = "all-to-one"

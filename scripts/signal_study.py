@@ -1,0 +1,83 @@
+"""How each detection signal, and each combination of them, would have decided (docs/detection.md).
+
+    python scripts/signal_study.py RESULTS_DIR [--alpha 0.05]
+
+Reads the scans of a benchmark results directory (``ulrl bench`` writes one per model and clean
+set) and, from the per-class p-values each scan stored for every signal, recomputes the verdict
+for every subset of signals (Fisher combination, the all-to-all test as in the scan). Prints, per
+subset: backdoored runs whose true target was found, all-to-all runs found, and false positives on
+clean models; then the per-run z of each signal at the true target. Nothing is re-run.
+"""
+
+import argparse
+import itertools
+import math
+
+import torch
+
+from ulrl.bench import collect_scans
+from ulrl.detection import stats
+
+
+def _truth(spec):
+    if not spec:
+        return None
+    return "all" if spec.get("mode") == "all2all" else int(spec["target"])
+
+
+def verdict(scan: dict, signals: tuple[str, ...], alpha: float) -> tuple[bool, list[int], str]:
+    p = torch.tensor([scan["signals"][s]["p"] for s in signals])
+    dfs = tuple(float(scan["parameters"]["null_df_" + s.replace("-", "_")] or math.inf) for s in signals)
+    comb = stats.combine(p, dfs) if len(signals) > 1 else {"p": p[0].tolist(), "p_model": scan["signals"][signals[0]]["p_model"]}
+    share = scan["parameters"].get("all_to_all_share", 0.5)
+    a2a = scan["all_to_all"]["p"] if scan.get("all_to_all") and "universal" in signals else None
+    p_value = comb["p_model"] if a2a is None else min(1.0, comb["p_model"] / (1 - share), a2a / share)
+    if p_value > alpha:
+        return False, [], "none"
+    if a2a is not None and a2a / share < comb["p_model"] / (1 - share):
+        return True, list(range(len(comb["p"]))), "all-to-all"
+    order = sorted(range(len(comb["p"])), key=lambda c: comb["p"][c])
+    k = len(order)
+    return True, [order[0]] + [c for c in order[1:] if comb["p"][c] * k <= alpha], "all-to-one"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--alpha", type=float, default=0.05)
+    args = ap.parse_args()
+    records = collect_scans(args.results)
+    names = sorted(records[0]["scan"]["signals"])
+    print(f"{len(records)} scans; signals {names}; alpha {args.alpha}\n")
+    print("| signals | target found (all-to-one) | all-to-all found | clean class also suspected | false positives on clean models |")
+    print("|---|---|---|---|---|")
+    for n in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, n):
+            found = total = a2a_found = a2a_total = extra = fp = clean = 0
+            for r in records:
+                truth = _truth(r.get("attack_spec"))
+                det, sus, kind = verdict(r["scan"], subset, args.alpha)
+                if truth is None:
+                    clean += 1
+                    fp += det
+                elif truth == "all":
+                    a2a_total += 1
+                    a2a_found += kind == "all-to-all"
+                else:
+                    total += 1
+                    found += truth in sus
+                    extra += kind == "all-to-one" and any(c != truth for c in sus)
+            print(f"| {' + '.join(subset)} | {found}/{total} | {a2a_found}/{a2a_total} | {extra}/{total} | {fp}/{clean} |")
+    print("\nPer run, z of each signal at the true target (all-to-one runs), and the scan's p-value:\n")
+    print("| attack | clean seed | " + " | ".join(f"{s} z" for s in names) + " | p | suspected |")
+    print("|---|---|" + "---|" * len(names) + "---|---|")
+    for r in sorted(records, key=lambda r: (r["attack"], r["seed"], r["clean_seed"])):
+        truth = _truth(r.get("attack_spec"))
+        if not isinstance(truth, int):
+            continue
+        zs = " | ".join(f"{r['scan']['signals'][s]['z'][truth]:.1f}" for s in names)
+        print(f"| {r['attack']} | {r['clean_seed']} | {zs} | {r['scan']['p_value']:.2g} | {r['scan']['suspected']} |")
+
+
+if __name__ == "__main__":
+    main()
