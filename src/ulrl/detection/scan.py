@@ -4,10 +4,12 @@ Each signal gives one statistic per class (``universal``: the radius of the smal
 perturbation that sends the other classes' clean images to the class; ``margin``: the largest
 margin the class reaches; ``weight-change``: how far the class's classifier row moves when the
 clean accuracy is unlearned). :mod:`.stats` turns each into per-class p-values under the null
-that, on a clean model, no class stands out from the others; the calibrated signals are combined
-per class (Fisher), and the model's p-value is that of the most suspicious class, corrected for
-having looked at all of them. Verdict: ``backdoored`` when that p-value is <= ``alpha`` (the
-nominal false-positive rate), else ``no evidence``.
+that, on a clean model, no class stands out from the others; the signals are combined per class
+(Fisher), and the all-to-one p-value is that of the most suspicious class, corrected for having
+looked at all of them. A rank test on the universal search's source x target radii looks for
+all-to-all backdoors (``y -> y + k mod K``). The model's p-value is a weighted Bonferroni of the
+two; verdict ``backdoored`` when it is <= ``alpha`` (the nominal false-positive rate), else
+``no evidence``. docs/detection.md has the measurements behind every choice.
 """
 
 from __future__ import annotations
@@ -175,8 +177,8 @@ def _df(cfg: ScanConfig, signal: str) -> float:
     return getattr(cfg, "null_df_" + signal.replace("-", "_"))
 
 
-@torch.no_grad()
-def _as_float_model(model: nn.Module, device: str) -> nn.Module:
+def _frozen(model: nn.Module, device: str) -> nn.Module:
+    """A copy in eval mode without parameter gradients: the searches differentiate inputs only."""
     return copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
 
@@ -193,7 +195,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     missing = (present == 0).nonzero().flatten().tolist()
     if k < 3:
         raise UserError(f"scanning needs at least 3 classes to compare, the model has {k}")
-    frozen = _as_float_model(model, cfg.device)
+    frozen = _frozen(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
     perturbations = None
@@ -226,10 +228,10 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
             suspected = [order[0]] + [c for c in order[1:] if p_class[c] * k <= cfg.alpha]  # Bonferroni for the rest
     seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
-    return ScanResult(notes=notes,
+    return ScanResult(
         num_classes=k, clean_samples=int(len(y)), signals=evidence,
         combined=[-math.log10(max(p, 1e-300)) for p in p_class], p_class=p_class, p_all_to_one=p_one,
         all_to_all=a2a, p_value=p_value, verdict="backdoored" if suspected else "no evidence", kind=kind,
-        suspected=suspected, alpha=cfg.alpha,
-        seconds=seconds, config=asdict(cfg), perturbations=perturbations,
+        suspected=suspected, alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
+        perturbations=perturbations,
     )
