@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from ulrl.checkpoints import load_checkpoint, read_tensors, save_checkpoint
+from ulrl.checkpoints import load_checkpoint, save_checkpoint
 from ulrl.errors import UserError
 from ulrl.models import create_model
 
@@ -49,7 +49,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     torch.save({"w": torch.zeros(1), "x": Evil()}, tmp_path / "evil2.pt")
     for p in (path, tmp_path / "evil2.pt"):
         with pytest.raises(UserError):
-            read_tensors(p)
+            load_checkpoint(p, meta=META)
     assert not os.path.exists("/tmp/ulrl_pwned")
 
 
@@ -63,7 +63,7 @@ def test_pt_state_dict_loads_with_meta(tmp_path):
 def test_corrupt_and_mismatched(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
-        read_tensors(tmp_path / "bad.safetensors")
+        load_checkpoint(tmp_path / "bad.safetensors", meta=META)
     path = save_checkpoint(tmp_path / "m.safetensors", _model(), META)
     with pytest.raises(UserError, match="does not match"):
         load_checkpoint(path, meta={**META, "num_classes": 7})

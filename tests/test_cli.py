@@ -60,7 +60,7 @@ def _cases(ckpt, tmp_path):
         "unknown dataset": (["evaluate", "--model", str(ckpt), "--data", "imagenet-9000"], "unknown dataset"),
         "unknown attack": (["evaluate", "--model", str(ckpt), "--data", "synthetic", "--attack", "voodoo"], "unknown attack"),
         "unknown model": (["train", "--data", "synthetic", "--arch", "resnet9000", "--out", str(tmp_path / "x.safetensors")], "unknown model"),
-        "unwritable output": (p + ["--out", str(ro / "sub")], "cannot write"),
+        "unwritable output": (p + ["--out", str(ro / "sub")], "not a directory"),
         "output over input": (["purify", "--model", str(same), "--data", "synthetic", "--out", str(tmp_path), "--overwrite"], "input"),
     }
 

@@ -3,7 +3,8 @@
 A checkpoint ``model.safetensors`` has a sidecar ``model.json`` with the architecture,
 class count, input shape, normalisation, the attack spec when known, the training config and
 the seed. Tensors of an attack's fitted component are stored in the same safetensors file
-under the ``__attack__.`` prefix. A ``.pt``/``.pth`` file is read only with
+under the ``__attack__.`` prefix. Reading goes through :mod:`ulrl.io`, which validates the sidecar and
+every tensor entry before anything is allocated; a ``.pt``/``.pth`` file is read only with
 ``torch.load(weights_only=True)``, which refuses anything but plain tensors and containers.
 """
 
@@ -11,30 +12,29 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import UserError
-
-ATTACK_PREFIX = "__attack__."
+from .io import ATTACK_PREFIX, input_file, read_sidecar, read_weights, validate_meta
 
 
 # --- atomic, non-clobbering output ----------------------------------------------------------
 def check_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
-    """Refuse to write over an input file, or over an existing file unless ``overwrite``."""
+    """Refuse to write over an input file (or its sidecar), or over an existing file unless ``overwrite``."""
+    from .io.paths import same_file
+
     out = Path(path).resolve()
-    for inp in inputs:
-        if inp and out == Path(inp).resolve():
-            raise UserError(f"output {path} is also an input; choose another output path")
+    for inp in (Path(i) for i in inputs if i):
+        for src in (inp, sidecar(inp)):
+            if same_file(Path(path), src):
+                raise UserError(f"output {path} is also an input ({src}); choose another output path")
     if out.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another path or pass --overwrite")
     return out
@@ -110,97 +110,38 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    side = sidecar(path)
-    if not side.is_file():
-        raise UserError(f"checkpoint {path} has no sidecar {side} naming its architecture; pass --arch NAME (see 'ulrl models')")
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"sidecar {side} is not valid JSON ({e}); restore it from the original checkpoint") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"sidecar {side} must hold a JSON object")
-    return meta
+    """The validated sidecar of checkpoint ``path`` (see :mod:`ulrl.io.sidecar`)."""
+    return read_sidecar(path)
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a .pt/.pth state dict, never unpickling objects."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    if p.suffix == ".safetensors":
-        try:
-            return load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({e})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal is ours to say
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"refusing to load {path}: it contains pickled objects other than plain tensors; export a state_dict or safetensors file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors)")
-    return obj
-
-
-def split_attack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    n = len(ATTACK_PREFIX)
-    model = {k: v for k, v in tensors.items() if not k.startswith(ATTACK_PREFIX)}
-    attack = {k[n:]: v for k, v in tensors.items() if k.startswith(ATTACK_PREFIX)}
-    return model, attack
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` with a one-line error naming what does not match."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if state and not (set(state) & set(own)) and any(k.startswith("net.") for k in own):
-        state = {"net." + k: v for k, v in state.items()}  # a bare network's state_dict
-        missing = sorted(set(own) - set(state) - {"mean", "std"})
-        unexpected = sorted(set(state) - set(own))
-        state = {**{k: own[k] for k in ("mean", "std") if k in own and k not in state}, **state}
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); check --arch"
-        )
-    bad = [k for k in own if own[k].shape != state[k].shape]
-    if bad:
-        k = bad[0]
-        raise UserError(
-            f"{source} does not match the architecture: {k} has shape {tuple(state[k].shape)}, "
-            f"expected {tuple(own[k].shape)} (wrong class count or input size?)"
-        )
-    model.load_state_dict(state)
-
-
-def load_checkpoint(path: str | Path, meta: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
-    """Load a checkpoint: ``(model, meta, attack_tensors)``.
-
-    ``meta`` overrides or replaces the sidecar (needed for a .pt file without one).
-    """
+def _build(meta: dict[str, Any]) -> nn.Module:
     from .models import create_model
 
-    tensors = read_tensors(path)
-    if meta is None:
-        meta = read_meta(path)
-    for key in ("arch", "num_classes", "in_channels", "image_size"):
-        if key not in meta:
-            raise UserError(f"checkpoint metadata for {path} lacks {key!r}; pass it with --{key.replace('_', '-')}")
-    model = create_model(
-        meta["arch"],
-        num_classes=int(meta["num_classes"]),
-        in_channels=int(meta["in_channels"]),
-        image_size=int(meta["image_size"]),
-        mean=tuple(meta.get("mean") or ()) or None,
-        std=tuple(meta.get("std") or ()) or None,
-    )
-    state, attack_tensors = split_attack(tensors)
-    load_state(model, state, f"checkpoint {path}")
+    return create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                        image_size=meta["image_size"], mean=meta.get("mean"), std=meta.get("std"))
+
+
+def load_checkpoint(path: str | Path, meta: dict[str, Any] | None = None,
+                    check: Callable[[dict[str, Any]], None] | None = None,
+                    ) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
+    """Load a checkpoint: ``(model, meta, attack_tensors)``, validating before allocating.
+
+    ``meta`` replaces the sidecar (a .pt file without one, with ``--arch``). ``check(meta)`` runs
+    after the description is validated and before any weight is read (e.g. against the data).
+    Order: the file is a regular file; the sidecar parses into its bounded schema; ``check``; the
+    architecture is built on the ``meta`` device (no memory); the file's entries are matched to it
+    by name, shape and dtype; only then is the model allocated and each tensor read, checked
+    finite and copied in.
+    """
+    p = input_file(path, "checkpoint", hint="; give a .safetensors or .pt/.pth file")
+    meta = read_sidecar(p) if meta is None else validate_meta(meta, f"the description of {path}", p.parent)
+    if check is not None:
+        check(meta)
+    with torch.device("meta"):
+        skeleton = _build(meta)
+    state, attack_tensors = read_weights(p, skeleton, f"checkpoint {path}")
+    model = _build(meta)
+    own = model.state_dict()
+    model.load_state_dict({**{k: own[k] for k in set(own) - set(state)}, **state})  # at most mean/std kept (bare network)
     model.eval()
     return model, meta, attack_tensors

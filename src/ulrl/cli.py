@@ -46,14 +46,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args, data):
-    """The checkpoint named by --model, checked against the data; (model, meta, attack tensors)."""
+    """The checkpoint named by --model, checked against the data before any weight is read;
+    (model, meta, attack tensors)."""
     from .checkpoints import load_checkpoint
     from .pipeline import check_compatible, model_meta
 
     meta = model_meta(args.arch, data, None, None) if args.arch else None
-    model, meta, attack_tensors = load_checkpoint(args.model, meta)
-    check_compatible(meta, data)
-    return model, meta, attack_tensors
+    return load_checkpoint(args.model, meta, check=lambda m: check_compatible(m, data))
+
+
+def _check_outputs(args, names: list[str]) -> None:
+    """Before any work: --out can hold ``names`` without replacing an input (model, sidecar, data)."""
+    from .checkpoints import sidecar
+    from .io import check_outputs
+
+    data_dirs = [args.data_dir, args.data if Path(args.data).is_dir() else None]
+    check_outputs(args.out, names, inputs=[args.model, sidecar(args.model)], overwrite=args.overwrite,
+                  input_dirs=data_dirs)
 
 
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -181,11 +190,17 @@ def _attack_for(spec: str | None, meta: dict, num_classes: int, attack_tensors=N
 
     if spec in (None, "") and meta.get("attack"):
         attack = build_attack(meta["attack"], num_classes)
-        attack.load_state_tensors(attack_tensors or {})
-        return attack
-    if spec in (None, "", "none"):
+        try:
+            attack.load_state_tensors(attack_tensors or {})
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise UserError(f"the checkpoint's {attack.name} component cannot be loaded "
+                            f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+    elif spec in (None, "", "none"):
         return None
-    return build_attack(spec, num_classes)
+    else:
+        attack = build_attack(spec, num_classes)
+    attack.check_fits(int(meta["in_channels"]), int(meta["image_size"]))
+    return attack
 
 
 def cmd_demo(args) -> int:
@@ -230,23 +245,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+PURIFY_OUTPUTS = ["model.safetensors", "model.json", "clean_indices.json", "report.json", "results.json",
+                  "neuron_scores.png", "curves.png"]
+
+
 def cmd_purify(args) -> int:
-    from .checkpoints import check_output, load_checkpoint
-    from .pipeline import (
-        check_compatible,
-        format_table,
-        run_defense,
-        select_clean,
-        write_defense_outputs,
-    )
+    from .pipeline import format_table, run_defense, select_clean, write_defense_outputs
 
     out = Path(args.out)
-    check_output(out / "model.safetensors", inputs=[args.model], overwrite=args.overwrite)
-    model, meta, attack_tensors = load_checkpoint(args.model)
-    data = _load_data(args)
-    check_compatible(meta, data)
     if args.clean_count is not None and args.clean_count < 1:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
+    _check_outputs(args, PURIFY_OUTPUTS)
+    data = _load_data(args)
+    model, meta, attack_tensors = _load_model(args, data)
     attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
     clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
     overrides = {"seed": args.seed, **_overrides(args.set, args.defense)}
@@ -269,18 +280,16 @@ def cmd_purify(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from .checkpoints import check_output, ensure_dir, write_json
+    from .checkpoints import write_json
     from .defenses.base import parse_fields
     from .detection import ScanConfig
     from .pipeline import scan_model, scan_record, select_clean
     from .plots import plot_scan
 
     out = Path(args.out)
-    for name in ("scan.json", "scan.png"):
-        check_output(out / name, inputs=[args.model], overwrite=args.overwrite)
-    ensure_dir(out)
     if args.clean_count is not None and args.clean_count < 1:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
+    _check_outputs(args, ["scan.json", "scan.png"])
     overrides = {"seed": args.seed, **parse_fields(args.set or [], ScanConfig, "scan")}
     data = _load_data(args)
     model, _, _ = _load_model(args, data)

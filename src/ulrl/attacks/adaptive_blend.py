@@ -45,6 +45,8 @@ class AdaptiveBlend(Attack):
     (the paper's 0.3% + 0.3% is too little for a 5-epoch small CNN)."""
 
     name = "adaptive-blend"
+    size_fields = ("pieces",)
+    builtin_patterns = ("noise",)
 
     rate: float = 0.05  # payload: relabelled to the target
     cover_rate: float = 0.05  # regularization samples: partial trigger, true label kept

@@ -19,6 +19,8 @@ class BadNets(Attack):
     """``pattern`` is ``solid`` (all pixels = ``value``), ``checkerboard`` or an image path."""
 
     name = "badnets"
+    size_fields = ("patch_size", "margin")
+    builtin_patterns = ("solid", "checkerboard")
 
     patch_size: int = 3
     position: str = "bottom-right"

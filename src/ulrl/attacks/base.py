@@ -59,6 +59,8 @@ class Attack:
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False  # poisons only target-class images and never changes labels
     fitted: ClassVar[bool] = False  # prepare() fits a component saved with the checkpoint
+    size_fields: ClassVar[tuple[str, ...]] = ()  # integer fields measured in pixels (at most the image size)
+    builtin_patterns: ClassVar[tuple[str, ...]] = ()  # values of ``pattern`` that are not image files
 
     target: int = 0  # the attacker's class (all-to-one)
     mode: str = "all2one"  # "all2one" or "all2all" (label y -> (y + 1) mod K)
@@ -100,6 +102,21 @@ class Attack:
             raise UserError(f"attack {self.name} has no fitted component, but the checkpoint carries one")
 
     # --- shared behaviour ----------------------------------------------------------------
+    def check_fits(self, channels: int, size: int) -> None:
+        """Trigger two blank images of the model's shape: a spec or fitted component that does not
+        fit the model's images (a 5-channel mask for a 1-channel model) fails here, in one line."""
+        x = torch.zeros(2, channels, size, size)
+        try:
+            out = self.apply_trigger(x)
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
+            line = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"attack {self.name} cannot trigger {channels}x{size}x{size} images ({line}); "
+                            "its spec or fitted component does not fit this model") from None
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise UserError(f"attack {self.name} turns {tuple(x.shape)} images into "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}; "
+                            "its fitted component does not fit this model")
+
     def trigger_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Trigger uint8 images and quantise back to uint8, as a saved poisoned image would be."""
         out = self.apply_trigger(x.float() / 255.0)

@@ -17,6 +17,7 @@ class Blended(Attack):
     """``pattern`` is ``noise`` (seeded uniform noise, ``pattern_seed``) or an image path."""
 
     name = "blended"
+    builtin_patterns = ("noise",)
 
     pattern: str = "noise"
     alpha: float = 0.2

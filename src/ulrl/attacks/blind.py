@@ -41,6 +41,7 @@ class Blind(BatchPoisoningAttack):
     """Loss-computation attack with the backdoors101 pixel pattern; ``rate`` = backdoor loss weight."""
 
     name = "blind"
+    size_fields = ("top", "right")
 
     top: int = 3  # pattern's first row
     right: int = 6  # columns between the pattern and the right edge

@@ -102,6 +102,7 @@ class FTrojan(Attack):
     channels of YCrCb for RGB images, 10% poisoning."""
 
     name = "ftrojan"
+    size_fields = ("window", "mid", "high")
 
     magnitude: float = 60.0  # added to each trigger coefficient, on the 0-255 scale (paper: 30)
     window: int = 0  # DCT block size; 0 = the image's shorter side

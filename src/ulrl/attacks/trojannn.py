@@ -73,6 +73,7 @@ class TrojanNN(Attack):
     ``nn.Linear``)."""
 
     name = "trojannn"
+    size_fields = ("patch_size",)
     fitted = True
 
     patch_size: int = 0

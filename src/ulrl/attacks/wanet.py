@@ -38,6 +38,7 @@ class WaNet(BatchPoisoningAttack):
     """Warping-based trigger; ``k`` control points per side, strength ``s``, noise-mode cross samples."""
 
     name = "wanet"
+    size_fields = ("k",)
     fitted = True
 
     k: int = 4  # control grid size
