@@ -616,6 +616,58 @@ def c_out_existing_without_overwrite(d):
     return purify(checkpoint(d))
 
 
+# --- the data the model is checked on -------------------------------------------------------------------
+def image_folder(d: Path, bad: Callable[[Path], None] | None = None) -> str:
+    """A class-per-folder dataset (train/ and test/) of tiny grey images; ``bad(folder)`` adds a hostile file."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in range(CLASSES):
+            (d / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (SIZE, SIZE), 60 * c + i).save(d / "data" / split / str(c) / f"{i}.png")
+    if bad:
+        bad(d / "data" / "train" / "0")
+    return "data"
+
+
+@case("data")
+def c_data_png_bomb(d):
+    from PIL import Image
+    data = image_folder(d, lambda f: Image.new("1", (20000, 20000)).save(f / "zz.png", optimize=True))
+    return ["evaluate", "--model", checkpoint(d), "--data", data, "--no-progress"]
+
+
+@case("data")
+def c_data_fifo_image(d):
+    data = image_folder(d, lambda f: os.mkfifo(f / "zz.png"))
+    return ["evaluate", "--model", checkpoint(d), "--data", data, "--no-progress"]
+
+
+@case("data")
+def c_data_idx_gzip_bomb(d):
+    """An IDX image file whose 1 MB gzip stream expands to 1 GiB of pixels beyond what its header declares."""
+    import gzip
+    (d / "mnist").mkdir()
+    for split, n in (("train", 8), ("t10k", 4)):
+        with gzip.open(d / "mnist" / f"{split}-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+            f.write(bytes((0, 0, 8, 3)) + struct.pack(">III", n, 28, 28))
+            block = bytes(1 << 22)
+            for _ in range(256 if split == "train" else 1):
+                f.write(block)
+        with gzip.open(d / "mnist" / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes((0, 0, 8, 1)) + struct.pack(">I", n) + bytes(n))
+    return ["evaluate", "--model", "/dev/null", "--data", "./mnist", "--no-progress"]
+
+
+@case("data")
+def c_data_idx_header_claims_huge(d):
+    (d / "mnist").mkdir()
+    for split in ("train", "t10k"):
+        (d / "mnist" / f"{split}-images-idx3-ubyte").write_bytes(bytes((0, 0, 8, 3)) + struct.pack(">III", 2**31, 4096, 4096))
+        (d / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(bytes((0, 0, 8, 1)) + struct.pack(">I", 2**31))
+    return ["evaluate", "--model", "/dev/null", "--data", "./mnist", "--no-progress"]
+
+
 # --- building and running ------------------------------------------------------------------------------
 def build(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)

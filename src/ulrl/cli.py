@@ -58,9 +58,11 @@ def _load_model(args, data):
 def _check_outputs(args, names: list[str]) -> None:
     """Before any work: --out can hold ``names`` without replacing an input (model, sidecar, data)."""
     from .checkpoints import sidecar
+    from .data import DATASETS, _canonical
     from .io import check_outputs
 
-    data_dirs = [args.data_dir, args.data if Path(args.data).is_dir() else None]
+    default = DATASETS.get(_canonical(args.data), (None, None))[1]
+    data_dirs = [args.data_dir, default, args.data if Path(args.data).is_dir() else None]
     check_outputs(args.out, names, inputs=[args.model, sidecar(args.model)], overwrite=args.overwrite,
                   input_dirs=data_dirs)
 

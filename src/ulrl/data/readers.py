@@ -22,6 +22,7 @@ import torch
 
 from ulrl.errors import UserError
 
+from ..io.paths import input_file
 from .base import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
@@ -98,17 +99,27 @@ def _make(
     return Dataset(name, xs[0], ys[0], xs[1], ys[1], k, mean, std, hflip)
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image file; a larger one is refused before it is decoded
+
+
 def _decode(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
+    import warnings
+
     from PIL import Image  # load time only
 
+    input_file(path, "image", 64 << 20)  # a FIFO named x.png would block the reader forever
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"image {path} has {im.width}x{im.height} pixels (at most {MAX_IMAGE_PIXELS:,})")
+                im = im.convert(mode)
+                if im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -151,25 +162,32 @@ def _has_idx(folder: Path) -> bool:
     return all(_idx_path(folder, *v) for v in _IDX_FILES.values())
 
 
+MAX_IDX_BYTES = 1 << 30  # the largest IDX dataset (EMNIST) holds about 0.6 GB
+
+
 def parse_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse one IDX file of unsigned bytes (plain or gzip) with ``ndim`` dimensions."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"corrupt gzip file {path}: {e}") from None
-    if len(raw) < 4 + 4 * ndim or raw[:4] != bytes((0, 0, 8, ndim)):
-        raise UserError(
-            f"corrupt IDX file {path}: bad magic number {raw[:4].hex()}, expected 000008{ndim:02x}"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    """Parse one IDX file of unsigned bytes (plain or gzip) with ``ndim`` dimensions.
+
+    The header is read first; a gzip stream is then decompressed only up to the size the header
+    declares (at most :data:`MAX_IDX_BYTES`), so a small compressed file cannot expand without bound."""
     header = 4 + 4 * ndim
-    if len(raw) - header != int(np.prod(dims)):
-        raise UserError(
-            f"corrupt IDX file {path}: header says {dims} but has {len(raw) - header} data bytes"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
+    with open(path, "rb") as raw_file:
+        gz = raw_file.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(header)
+            if len(head) < header or head[:4] != bytes((0, 0, 8, ndim)):
+                raise UserError(f"corrupt IDX file {path}: bad magic number {head[:4].hex()}, expected 000008{ndim:02x}")
+            dims = tuple(int(d) for d in np.frombuffer(head, ">u4", ndim, 4))
+            n = int(np.prod(dims, dtype=np.int64))
+            if n > MAX_IDX_BYTES:
+                raise UserError(f"corrupt IDX file {path}: header says {dims}, {n:,} bytes (at most {MAX_IDX_BYTES:,})")
+            data = f.read(n + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"corrupt gzip file {path}: {e}") from None
+    if len(data) != n:
+        raise UserError(f"corrupt IDX file {path}: header says {dims} but has {len(data)}{'+' if len(data) > n else ''} data bytes")
+    return np.frombuffer(data, np.uint8).reshape(dims).copy()
 
 
 def read_idx(path: str | Path, name: str = "fashion-mnist") -> Dataset:
@@ -430,12 +448,16 @@ def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
         sample = train_paths[:: max(1, len(train_paths) // 256)]
         sizes = Counter()
         for p in sample:
+            input_file(p, "image", 64 << 20)
             try:
                 with Image.open(p) as im:
                     sizes[im.size] += 1
-            except OSError as e:
-                raise UserError(f"cannot read image {p}: {e}") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise UserError(f"cannot read image {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         w, h = sizes.most_common(1)[0][0]
+        if max(w, h) > 1024:
+            raise UserError(f"the images under {root} are {w}x{h} pixels; resize them to at most 1024 (classifiers of "
+                            "this kind take 16 to 224 pixels)")
         hw = (h, w)
     else:
         hw = (size, size) if isinstance(size, int) else tuple(size)

@@ -236,4 +236,6 @@ def _materialise(get, name: str, source: str) -> torch.Tensor:
         raise UserError(f"{source}: tensor {name[:80]} cannot be read ({first_line(e)})") from None
     if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
         raise UserError(f"{source}: tensor {name[:80]} holds NaN or infinite values; this checkpoint is damaged")
+    if name.endswith("running_var") and bool((t < 0).any()):
+        raise UserError(f"{source}: tensor {name[:80]} holds negative variances; this checkpoint is damaged")
     return t
