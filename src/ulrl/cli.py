@@ -39,20 +39,54 @@ def _overrides(items: list[str] | None, defense: str = "ulrl") -> dict[str, Any]
     return parse_overrides(items or [], defense)
 
 
+ARCH_HELP = ("architecture: a registered name (ulrl models), or your own network as package.module:factory or "
+             "path/to/file.py:factory (the factory gets num_classes, in_channels, image_size if it takes them). Your "
+             "module is imported, and its code runs, only because you name it here; never because a checkpoint says so.")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors with its .json sidecar, or a .pt state_dict)")
-    p.add_argument("--arch", default=None, help="architecture of a checkpoint without a sidecar (see ulrl models); "
-                   "classes, channels, size and normalisation are then taken from --data")
+    p.add_argument("--model", required=True, help="checkpoint: .safetensors with its .json sidecar, a .pt/.pth state dict "
+                   "(with --arch), or a BackdoorBench record folder (record/NAME/) or its attack_result.pt")
+    p.add_argument("--arch", default=None, help=ARCH_HELP + " Needed for a checkpoint without a sidecar; classes, channels, size "
+                   "and normalisation then come from --data.")
 
 
 def _load_model(args, data):
     """The checkpoint named by --model, checked against the data before any weight is read;
     (model, meta, attack tensors)."""
-    from .checkpoints import load_checkpoint
+    from .checkpoints import load_checkpoint, read_meta, sidecar
     from .pipeline import check_compatible, model_meta
 
-    meta = model_meta(args.arch, data, None, None) if args.arch else None
+    meta = None
+    if args.arch:  # the named architecture; the rest from the sidecar if there is one, else from the data
+        has_sidecar = sidecar(args.model).exists()
+        meta = {**read_meta(args.model), "arch": args.arch} if has_sidecar else model_meta(args.arch, data, None, None)
     return load_checkpoint(args.model, meta, check=lambda m: check_compatible(m, data))
+
+
+def _load_inputs(args, want_attack: bool = True):
+    """--data, then --model (our checkpoint, a plain state dict with --arch, or a BackdoorBench record
+    folder / attack_result.pt), each validated before the next; then what ASR is measured with
+    (--poisoned-test, --attack, the sidecar's attack, or the record's own poisoned test images).
+    Returns (data, model, meta, attack)."""
+    from .io.backdoorbench import is_record, load_record_model, poisoned_test, read_record
+    from .pipeline import check_compatible
+
+    if is_record(args.model):
+        rec = read_record(args.model)
+        args.data = args.data or rec.meta["dataset"]
+        data = _load_data(args)
+        check_compatible(rec.meta, data)
+        model, meta, attack_tensors = load_record_model(rec), rec.meta, {}
+        own = poisoned_test(rec) if want_attack and args.attack is None and not getattr(args, "poisoned_test", None) else None
+    else:
+        data = _load_data(args)
+        model, meta, attack_tensors = _load_model(args, data)
+        own = None
+    if not want_attack:
+        return data, model, meta, None
+    attack = own if own is not None else _attack_for(args.attack, meta, data.num_classes, attack_tensors, args)
+    return data, model, meta, attack
 
 
 def _check_outputs(args, names: list[str]) -> None:
@@ -61,15 +95,23 @@ def _check_outputs(args, names: list[str]) -> None:
     from .data import DATASETS, _canonical
     from .io import check_outputs
 
-    default = DATASETS.get(_canonical(args.data), (None, None))[1]
-    data_dirs = [args.data_dir, default, args.data if Path(args.data).is_dir() else None]
+    name = args.data or "fashion-mnist"
+    data_dirs = [args.data_dir, DATASETS.get(_canonical(name), (None, None))[1], name if Path(name).is_dir() else None,
+                 getattr(args, "poisoned_test", None)]
     check_outputs(args.out, names, inputs=[args.model, sidecar(args.model)], overwrite=args.overwrite,
                   input_dirs=data_dirs)
 
 
+def _add_poisoned_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poisoned-test", default=None, metavar="DIR",
+                   help="your own triggered images, DIR/<true label>/*.png, to measure ASR and RA with (needs --target)")
+    p.add_argument("--target", type=int, default=None, help="with --poisoned-test: the class the trigger sends images to")
+
+
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
-        p.add_argument("--data", default="fashion-mnist", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, gtsrb, tiny-imagenet, synthetic) or a directory")
+        p.add_argument("--data", default=None, help="dataset name (fashion-mnist, mnist, cifar10, cifar100, gtsrb, tiny-imagenet, "
+                       "synthetic) or a directory (default: fashion-mnist, or a BackdoorBench record's clean_data)")
         p.add_argument("--data-dir", default=None, help="where the dataset's files are (default: its standard place)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("train", help="train a (poisoned) model and save a checkpoint")
-    p.add_argument("--arch", default="cnn-small", help="model name (see ulrl models)")
+    p.add_argument("--arch", default="cnn-small", help=ARCH_HELP)
     p.add_argument("--attack", default="none", help="attack spec, e.g. badnets:patch_size=3,target=0,rate=0.1; 'none' for a clean model")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.01)
@@ -116,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="ULRL: name of the examined linear layer (default: the last nn.Linear)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defense option, e.g. --set alpha=0.1")
     p.add_argument("--attack", default=None, help="attack spec to measure ASR with (default: the one in the checkpoint's sidecar, if any)")
+    _add_poisoned_args(p)
+    p.add_argument("--export", choices=["backdoorbench"], default=None,
+                   help="also write the repaired model as BackdoorBench's defense_result.pt")
     _add_common(p)
 
     p = sub.add_parser("scan", help="does the model carry a backdoor, and which class does it serve? (per-class evidence, p-value, verdict)",
@@ -135,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="ACC, and ASR/RA under an attack, of a checkpoint")
     _add_model_args(p)
     p.add_argument("--attack", default=None, help="attack spec (default: the one in the checkpoint's sidecar)")
+    _add_poisoned_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
 
@@ -184,12 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_data(args):
     from .data import load_dataset
 
-    return load_dataset(args.data, args.data_dir)
+    return load_dataset(args.data or "fashion-mnist", args.data_dir)
 
 
-def _attack_for(spec: str | None, meta: dict, num_classes: int, attack_tensors=None):
+def _attack_for(spec: str | None, meta: dict, num_classes: int, attack_tensors=None, args=None):
+    """What ASR is measured with: --poisoned-test images, --attack, the sidecar's attack, or nothing."""
     from .attacks import build_attack
 
+    if args is not None and getattr(args, "poisoned_test", None):
+        from .io.poisoned import read_poisoned_folder
+
+        if spec not in (None, ""):
+            raise UserError("give either --attack or --poisoned-test, not both")
+        return read_poisoned_folder(args.poisoned_test, args.target, num_classes, int(meta["in_channels"]),
+                                    int(meta["image_size"]))
+    if args is not None and getattr(args, "target", None) is not None:
+        raise UserError("--target goes with --poisoned-test DIR")
     if spec in (None, "") and meta.get("attack"):
         attack = build_attack(meta["attack"], num_classes)
         try:
@@ -257,10 +313,12 @@ def cmd_purify(args) -> int:
     out = Path(args.out)
     if args.clean_count is not None and args.clean_count < 1:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
-    _check_outputs(args, PURIFY_OUTPUTS)
-    data = _load_data(args)
-    model, meta, attack_tensors = _load_model(args, data)
-    attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
+    _check_outputs(args, PURIFY_OUTPUTS + (["defense_result.pt"] if args.export else []))
+    data, model, meta, attack = _load_inputs(args)
+    if args.export:
+        from .io.backdoorbench import to_backdoorbench
+
+        to_backdoorbench(meta["arch"], model, (meta.get("source") or {}).get("model_name"))  # exportable? before the work
     clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
     overrides = {"seed": args.seed, **_overrides(args.set, args.defense)}
     if args.layer:
@@ -268,6 +326,14 @@ def cmd_purify(args) -> int:
     repaired, report, results = run_defense(model, data, clean_idx, attack, args.defense, args.preset, overrides,
                                             args.device, not args.no_progress, monitor_size=0)
     write_defense_outputs(out, repaired, meta, report, results, clean_idx, inputs=[args.model], overwrite=args.overwrite)
+    if args.export:
+        import torch
+
+        from .checkpoints import atomic_write
+        from .io.backdoorbench import to_backdoorbench
+
+        exported = to_backdoorbench(meta["arch"], repaired, (meta.get("source") or {}).get("model_name"))
+        atomic_write(out / "defense_result.pt", lambda tmp: torch.save(exported, tmp))
     after = {**results["after"], "der": results["der"]} if results["der"] is not None else results["after"]
     print(format_table([("input", results["before"], None), (f"after {args.defense}", after, results["defense_seconds"])]))
     if "scan" in report.extra:
@@ -293,8 +359,7 @@ def cmd_scan(args) -> int:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
     _check_outputs(args, ["scan.json", "scan.png"])
     overrides = {"seed": args.seed, **parse_fields(args.set or [], ScanConfig, "scan")}
-    data = _load_data(args)
-    model, _, _ = _load_model(args, data)
+    data, model, _, _ = _load_inputs(args, want_attack=False)
     clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
     result = scan_model(model, data, clean_idx, overrides, args.device, not args.no_progress)
     ratio = args.clean_ratio if args.clean_count is None else None
@@ -329,9 +394,7 @@ def cmd_evaluate(args) -> int:
     from .metrics import evaluate
     from .pipeline import format_table
 
-    data = _load_data(args)
-    model, meta, attack_tensors = _load_model(args, data)
-    attack = _attack_for(args.attack, meta, data.num_classes, attack_tensors)
+    data, model, meta, attack = _load_inputs(args)
     m = evaluate(model, data.test_x, data.test_y, attack, args.device)
     print(json.dumps(m) if args.json else format_table([(Path(args.model).name, m, None)]))
     return 0
@@ -360,7 +423,7 @@ def cmd_zoo(args) -> int:
     from .zoo import run_zoo, table_markdown
 
     command = "ulrl " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["zoo"] else "ulrl zoo"
-    rows = run_zoo(args.out, args.doc, args.image, args.data, args.arch, args.attacks, args.seed, args.epochs,
+    rows = run_zoo(args.out, args.doc, args.image, args.data or "fashion-mnist", args.arch, args.attacks, args.seed, args.epochs,
                    args.data_dir, command, args.executor, not args.no_progress)
     print(table_markdown(rows))
     return 0
@@ -383,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         from .models import list_models
         print("\n".join(list_models()))
+        print("\nAdd one: a file src/ulrl/models/<family>.py with a builder (num_classes, in_channels, image_size) -> "
+              "nn.Module decorated with @register_model('name'); or, without touching ulrl, pass your own network as "
+              "--arch package.module:factory (or path/to/file.py:factory). docs/interop.md has the details.")
         return 0
     if args.command == "attacks":
         from .attacks import ATTACKS
@@ -395,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "scan": cmd_scan, "evaluate": cmd_evaluate,
                 "bench": cmd_bench, "report": cmd_report, "zoo": cmd_zoo}
     try:
+        if getattr(args, "arch", None) and ":" in args.arch:  # the user's own network, named on the command line
+            from .io.user_arch import import_user_arch
+            args.arch = import_user_arch(args.arch)
         return handlers[args.command](args)
     except UserError as e:
         print(f"ulrl {args.command}: error: {e}", file=sys.stderr)

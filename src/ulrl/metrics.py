@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,21 +25,44 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "
     return (predict(model, x, device=device) == y).float().mean().item() if len(y) else float("nan")
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack=None, device: str = "cpu") -> dict:
-    """Clean accuracy on ``(x, y)``; with an attack also ASR and RA.
+@dataclass
+class PoisonedSet:
+    """Triggered test images held as files (a user's folder, a BackdoorBench record's ``bd_test``)
+    rather than made by a trigger function: uint8 images, their true labels and the attacker's
+    label for each."""
 
-    ASR and RA are measured on the triggered copies of the test images whose true label differs
-    from the attack's target for them (for all-to-one: every image not of the target class).
-    ASR is the fraction classified as the target, RA the fraction classified as the true label.
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor
+    source: str = "poisoned test set"
+
+    def spec(self) -> dict[str, Any]:
+        targets = sorted(set(self.target.tolist()))
+        return {"name": "poisoned-test", "source": self.source, "images": len(self.y),
+                "target": targets[0] if len(targets) == 1 else None, "targets": targets[:20]}
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack=None, device: str = "cpu") -> dict:
+    """Clean accuracy on ``(x, y)``; with an attack (or a :class:`PoisonedSet`) also ASR and RA.
+
+    ASR and RA are measured on the triggered images whose true label differs from the attacker's
+    label for them (for all-to-one: every image not of the target class): the triggered copies of
+    the test images, or the stored poisoned images. ASR is the fraction classified as the
+    attacker's label, RA the fraction classified as the true label.
     """
     result = {"acc": accuracy(model, x, y, device)}
     if attack is not None:
-        targets = attack.target_labels(y)
-        keep = targets != y
-        triggered = attack.trigger_uint8(x[keep])
+        if isinstance(attack, PoisonedSet):
+            targets, truth, keep = attack.target, attack.y, attack.target != attack.y
+            triggered = attack.x[keep]
+        else:
+            targets, truth = attack.target_labels(y), y
+            keep = targets != y
+            triggered = attack.trigger_uint8(x[keep])
         pred = predict(model, triggered, device=device)
         result["asr"] = (pred == targets[keep]).float().mean().item()
-        result["ra"] = (pred == y[keep]).float().mean().item()
+        known = truth[keep] >= 0  # a record without original labels (-1) gives ASR but no RA
+        result["ra"] = (pred[known] == truth[keep][known]).float().mean().item() if bool(known.all()) else None
     return result
 
 

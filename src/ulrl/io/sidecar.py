@@ -65,6 +65,7 @@ SCHEMA: dict[str, Any] = {
     "train_history": Of((list,)),
     "test_metrics": Of((dict,)),
     "purified_by": Of((dict,)),
+    "source": Of((dict,)),  # where an imported model came from (e.g. a BackdoorBench record)
 }
 REQUIRED = ("arch", "num_classes", "in_channels", "image_size")
 
@@ -146,6 +147,9 @@ def validate_meta(meta: Any, where: str, root: Path | None = None) -> dict[str, 
                 raise UserError(f"{where}: {key} is a string of {len(v)} characters (at most {MAX_STRING})")
             out[key] = v
     arch = out["arch"].strip().lower().replace("_", "-")
+    if arch not in MODELS and ":" in arch:
+        raise UserError(f"{where}: the model is the user architecture {out['arch'][:120]!r}, whose code is only imported "
+                        "when you name it: pass --arch with it")
     if arch not in MODELS:
         raise UserError(f"{where}: unknown architecture {out['arch'][:64]!r}; known: {', '.join(sorted(MODELS))}")
     for key in ("mean", "std"):

@@ -109,8 +109,8 @@ def _refused_global(e: BaseException) -> str:
     return m.group(1)[:120] if m else first_line(e)
 
 
-def _check_zip(path: Path) -> None:
-    """PyTorch's zip format: every entry stored, the pickle bounded, nothing nested."""
+def _check_zip(path: Path, max_pickle: int = MAX_HEADER_BYTES) -> None:
+    """PyTorch's zip format: every entry stored, the pickle bounded."""
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -122,43 +122,54 @@ def _check_zip(path: Path) -> None:
         if info.compress_type != zipfile.ZIP_STORED:
             raise UserError(f"checkpoint {path}: entry {info.filename[:80]} is compressed, which torch.save never does "
                             "(a compressed entry can expand without bound); re-save it with torch.save")
-        if info.filename.endswith(".pkl") and info.file_size > MAX_HEADER_BYTES:
+        if info.filename.endswith(".pkl") and info.file_size > max_pickle:
             raise UserError(f"checkpoint {path}: its pickle {info.filename[:80]} is {info.file_size:,} bytes; "
                             "a state dict's is far smaller")
 
 
-def _torch_file(path: Path, max_bytes: int) -> tuple[dict[str, Entry], Any]:
+def torch_load(path: Path, max_bytes: int | None = None, max_pickle: int = MAX_HEADER_BYTES,
+               allow: list | None = None) -> Any:
+    """``torch.load(weights_only=True)`` after the checks above; ``allow``: extra safe globals."""
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
-        _check_zip(path)
-    elif path.stat().st_size > max_bytes:
+        _check_zip(path, max_pickle)
+    elif max_bytes is not None and path.stat().st_size > max_bytes:
         raise UserError(f"checkpoint {path} is {path.stat().st_size:,} bytes but the architecture's weights need "
                         f"at most {max_bytes:,}; it is not this model's state dict")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal is ours to say
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allow or []):
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing; the refusal is ours to say
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing to load {path}: it holds pickled objects other than plain tensors "
                         f"({_refused_global(e)}); export a state_dict or a safetensors file") from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             struct.error, zipfile.BadZipFile, MemoryError, RecursionError, OverflowError) as e:
         raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({first_line(e)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+
+
+def state_entries(obj: Any, source: str) -> tuple[dict[str, Entry], Any]:
+    """A loaded state dict's table of contents: string keys, dense CPU tensors (not yet read)."""
     if not isinstance(obj, dict):
-        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)")
+        raise UserError(f"{source} holds a {type(obj).__name__}, not a state_dict (a mapping of names to tensors)")
     entries = {}
     for k, v in obj.items():
         if not isinstance(k, str):
-            raise UserError(f"checkpoint {path} has a key of type {type(k).__name__} ({str(k)[:40]}); state dict keys are names")
+            raise UserError(f"{source} has a key of type {type(k).__name__} ({str(k)[:40]}); state dict keys are names")
         if not isinstance(v, torch.Tensor):
-            raise UserError(f"checkpoint {path}: {k[:80]} is a {type(v).__name__}, not a tensor")
+            raise UserError(f"{source}: {k[:80]} is a {type(v).__name__}, not a tensor")
         if v.is_meta or v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
             kind = "a meta tensor (no values)" if v.is_meta else f"a {v.layout} / {v.device.type} tensor"
-            raise UserError(f"checkpoint {path}: {k[:80]} is {kind}; weights must be dense CPU tensors")
+            raise UserError(f"{source}: {k[:80]} is {kind}; weights must be dense CPU tensors")
         entries[k] = Entry(k, tuple(v.shape), v.dtype)
     return entries, obj.__getitem__
+
+
+def _torch_file(path: Path, max_bytes: int) -> tuple[dict[str, Entry], Any]:
+    obj = torch_load(path, max_bytes)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return state_entries(obj, f"checkpoint {path}")
 
 
 # --- the check ------------------------------------------------------------------------------------
@@ -199,23 +210,34 @@ def check_entries(entries: dict[str, Entry], expected: dict[str, Entry], source:
     return model_keys
 
 
+def honest_bytes(model_on_meta: nn.Module, source: str) -> int:
+    honest = sum(e.nbytes for e in expected_entries(model_on_meta).values())
+    if honest > MAX_MODEL_BYTES:
+        raise UserError(f"{source}: the architecture described needs {honest:,} bytes of weights (limit {MAX_MODEL_BYTES:,}); "
+                        "check num_classes and image_size")
+    return honest
+
+
 def read_weights(path: str | Path, model_on_meta: nn.Module, source: str | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The state dict (model keys) and attack tensors of ``path``, checked entry by entry against
     ``model_on_meta``'s state dict before any of them is read into memory."""
     p = input_file(path, "checkpoint", hint="; give a .safetensors or .pt/.pth file")
     source = source or f"checkpoint {path}"
-    expected = expected_entries(model_on_meta)
-    honest = sum(e.nbytes for e in expected.values())
-    if honest > MAX_MODEL_BYTES:
-        raise UserError(f"{source}: the architecture described needs {honest:,} bytes of weights (limit {MAX_MODEL_BYTES:,}); "
-                        "check num_classes and image_size")
+    honest = honest_bytes(model_on_meta, source)
     if p.suffix == ".safetensors":
         entries, get = _safetensors(p)
     elif p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         entries, get = _torch_file(p, 2 * honest + MAX_ATTACK_BYTES // 16 + SLACK_BYTES)
     else:
         raise UserError(f"checkpoint {path} must be a .safetensors, .pt or .pth file")
+    return checked_state(entries, get, model_on_meta, source)
+
+
+def checked_state(entries: dict[str, Entry], get, model_on_meta: nn.Module, source: str
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Match ``entries`` to the architecture, then read each tensor (finite, converted to the model's dtype)."""
+    expected = expected_entries(model_on_meta)
     names = check_entries(entries, expected, source)
     state: dict[str, torch.Tensor] = {}
     attack: dict[str, torch.Tensor] = {}

@@ -98,7 +98,9 @@ def find_classifier(model: nn.Module, name: str | None = None) -> tuple[str, nn.
         if not linears:
             raise UserError("the model has no nn.Linear layer to use as the classifier")
         name = linears[-1]
-    elif name not in modules:
+    elif name not in modules and f"net.{name}" in modules:
+        name = f"net.{name}"  # the user's name for a layer of their network, inside our normalisation wrapper
+    if name not in modules:
         raise UserError(f"the model has no layer {name!r}; its linear layers are: {', '.join(linears) or 'none'}")
     layer = modules[name]
     if not isinstance(layer, nn.Linear):
