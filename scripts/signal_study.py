@@ -1,12 +1,14 @@
 """How each detection signal, and each combination of them, would have decided (docs/detection.md).
 
-    python scripts/signal_study.py RESULTS_DIR [--alpha 0.05]
+    python scripts/signal_study.py RESULTS_DIR [RESULTS_DIR ...] [--alpha 0.05] [--raw-universal]
 
 Reads the scans of a benchmark results directory (``ulrl bench`` writes one per model and clean
 set) and, from the per-class p-values each scan stored for every signal, recomputes the verdict
 for every subset of signals (Fisher combination, the all-to-all test as in the scan). Prints, per
 subset: backdoored runs whose true target was found, all-to-all runs found, and false positives on
 clean models; then the per-run z of each signal at the true target. Nothing is re-run.
+``--raw-universal`` recomputes the universal signal's p-values from its unadjusted score (before
+the regression on the clean logit gap), to compare the two.
 """
 
 import argparse
@@ -23,6 +25,14 @@ def _truth(spec):
     if not spec:
         return None
     return "all" if spec.get("mode") == "all2all" else int(spec["target"])
+
+
+def _raw(scan: dict) -> dict:
+    """The scan with the universal signal's p-values recomputed from its raw (unadjusted) score."""
+    u = scan["signals"]["universal"]
+    raw = [-math.inf if v is None else v for v in u["extra"]["raw_score"]]
+    test = stats.outlier_test(raw, float(scan["parameters"]["null_df_universal"] or math.inf))
+    return {**scan, "signals": {**scan["signals"], "universal": {**u, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}}}
 
 
 def verdict(scan: dict, signals: tuple[str, ...], alpha: float) -> tuple[bool, list[int], str]:
@@ -43,10 +53,13 @@ def verdict(scan: dict, signals: tuple[str, ...], alpha: float) -> tuple[bool, l
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--raw-universal", action="store_true", help="the universal signal without the clean-gap adjustment")
     args = ap.parse_args()
-    records = collect_scans(args.results)
+    records = [r for d in args.results for r in collect_scans(d)]
+    if args.raw_universal:
+        records = [{**r, "scan": _raw(r["scan"])} for r in records]
     names = sorted(records[0]["scan"]["signals"])
     print(f"{len(records)} scans; signals {names}; alpha {args.alpha}\n")
     print("| signals | target found (all-to-one) | all-to-all found | clean class also suspected | false positives on clean models |")

@@ -62,11 +62,14 @@ def _cases(ckpt, tmp_path):
         "unknown model": (["train", "--data", "synthetic", "--arch", "resnet9000", "--out", str(tmp_path / "x.safetensors")], "unknown model"),
         "unwritable output": (p + ["--out", str(ro / "sub")], "not a directory"),
         "output over input": (["purify", "--model", str(same), "--data", "synthetic", "--out", str(tmp_path), "--overwrite"], "input"),
+        "bad device": (["evaluate", "--model", str(ckpt), "--data", "synthetic", "--device", "banana"], "not a device"),
+        "seed too large": (["evaluate", "--model", str(ckpt), "--data", "synthetic", "--seed", str(2**70)], "--seed"),
     }
 
 
 CASES = ["missing checkpoint", "corrupt checkpoint", "pickle with objects", "empty clean set", "ratio zero",
-         "ratio above one", "unknown dataset", "unknown attack", "unknown model", "unwritable output", "output over input"]
+         "ratio above one", "unknown dataset", "unknown attack", "unknown model", "unwritable output", "output over input",
+         "bad device", "seed too large"]
 
 
 @pytest.mark.parametrize("case", CASES)

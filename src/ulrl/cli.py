@@ -32,6 +32,34 @@ def _ratio(text: str) -> float:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return v
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine (no GPU or a CPU build of torch); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("MPS is not available on this machine; use --device cpu")
+    return text
+
+
 def _overrides(items: list[str] | None, defense: str = "ulrl") -> dict[str, Any]:
     """``--set alpha=0.1 --set freeze_bn=false`` -> typed overrides of the defense's config."""
     from .defenses.base import parse_overrides
@@ -113,8 +141,8 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--data", default=None, help="dataset name (fashion-mnist, mnist, cifar10, cifar100, gtsrb, tiny-imagenet, "
                        "synthetic) or a directory (default: fashion-mnist, or a BackdoorBench record's clean_data)")
         p.add_argument("--data-dir", default=None, help="where the dataset's files are (default: its standard place)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing outputs (never inputs)")
 
@@ -193,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                         ("defenses", "defense specs NAME[@PRESET][:key=value,...]")):
         p.add_argument(f"--{axis}", nargs="+", default=None, help=help_)
     p.add_argument("--clean-ratios", nargs="+", type=_ratio, default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds of the models")
-    p.add_argument("--clean-seeds", nargs="+", type=int, default=None,
+    p.add_argument("--seeds", nargs="+", type=_seed, default=None, help="training seeds of the models")
+    p.add_argument("--clean-seeds", nargs="+", type=_seed, default=None,
                    help="clean-set seeds: every model is scanned and defended with each (default: its training seed)")
     p.add_argument("--no-scan", action="store_true", help="skip the detection scan of each model and clean set")
     p.add_argument("--epochs", type=int, default=None, help="poisoned-training epochs (default 5)")
     p.add_argument("--data-dir", default=None, help="directory of the (single) dataset, if not in its standard place")
-    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--device", default=None, type=_device, help="cpu or cuda")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="in-process (default) or Ray tasks")
     p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start a local instance)")
     p.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs a Ray task asks for (GPU runs ask for one GPU)")

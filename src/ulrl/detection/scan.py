@@ -28,7 +28,7 @@ from ..models import find_classifier
 from ..train import TrainConfig
 from . import stats
 from .margin import MarginConfig, max_margins
-from .universal import UniversalConfig, universal_radii
+from .universal import UniversalConfig, clean_gap, universal_radii
 from .weight_change import two_looks
 
 SCHEMA_VERSION = 1
@@ -52,6 +52,7 @@ class ScanConfig:
     uap_growth: float = 1.15
     uap_step: float = 0.5
     uap_level: float = 0.9  # the statistic: radius at which this fraction of the other classes' images flip
+    uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (natural reachability)
     # maximum margins
     margin_starts: int = 4
     margin_steps: int = 100
@@ -146,8 +147,12 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[fl
                                                         stop=cfg.uap_level),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
-    return u["radius"], score, {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"],
-                                "perturbations": u["deltas"]}
+    extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"]}
+    if cfg.uap_adjust:  # what the clean data's own closeness to each class explains is not evidence
+        gap = clean_gap(model, x, y, k, cfg.device)
+        extra.update(raw_score=score, clean_gap=gap)
+        score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)
+    return u["radius"], score, extra
 
 
 def _margin(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:

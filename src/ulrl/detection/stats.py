@@ -40,6 +40,20 @@ def loo_robust_z(values: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     return ((v - med) / mad.clamp_min(max(floor, 1e-12))).float()
 
 
+def theil_sen_residual(x: list[float], y: list[float], min_slope: float = 0.0) -> tuple[list[float], float, float]:
+    """Residuals of ``y`` around the Theil-Sen line on ``x`` (median of pairwise slopes, at least
+    ``min_slope``; median intercept): a fit that one or two outliers (a backdoor target) do not move.
+    Non-finite ``y`` are left out of the fit and keep their value."""
+    pts = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    slopes = [(pts[j][1] - pts[i][1]) / (pts[j][0] - pts[i][0])
+              for i in range(len(pts)) for j in range(i + 1, len(pts)) if pts[j][0] != pts[i][0]]
+    if len(pts) < 3 or not slopes:
+        return list(y), 0.0, 0.0
+    slope = max(min_slope, float(torch.tensor(slopes).median()))
+    icpt = float(torch.tensor([b - slope * a for a, b in pts]).median())
+    return [b - (icpt + slope * a) if math.isfinite(b) and math.isfinite(a) else b for a, b in zip(x, y, strict=True)], slope, icpt
+
+
 @lru_cache(maxsize=32)
 def null_z(k: int, df: float, draws: int = 40000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated null of :func:`loo_robust_z` for K exchangeable classes: the sorted z of one

@@ -10,6 +10,12 @@ at an abnormally small radius is a backdoor target. Dense, not sparse: the pertu
 spread over the whole image, so whole-image and clean-label triggers (Blended, SIG, LC, WaNet,
 frequency triggers) are found as well as patches.
 
+Natural reachability. Some classes are reached by a small universal perturbation on every model,
+clean or not: the ones the clean data already sits close to (on Fashion-MNIST, Shirt). The scan
+regresses the per-class statistic on the class's clean logit gap (:func:`clean_gap`) with a
+robust (Theil-Sen) line and keeps the residual: a target is a class reached far more easily than
+its clean gap explains.
+
 Radii are reported as RMS per pixel value (L2 norm / sqrt(C*H*W), images in [0, 1]), so they
 mean the same at every image size. The per-class statistic is ``-log(radius)`` (higher is more
 suspicious); per-source radii also give a source x target matrix, which exposes all-to-all
@@ -41,6 +47,19 @@ class UniversalConfig:
     per_image: bool = False  # one perturbation per image instead of one per class (the sample-specific baseline)
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
     batch_size: int = 512
+
+
+@torch.no_grad()
+def clean_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, device: str = "cpu",
+              batch_size: int = 512) -> list[float]:
+    """Per class ``t``: the mean, over clean images of the other classes, of ``max logit - logit_t``.
+    How far the class is, on clean data, from being predicted: small for the natural attractor
+    classes (Shirt among T-shirt, Pullover and Coat), which a universal perturbation reaches
+    easily on any model, backdoored or not."""
+    model.eval().to(device)
+    logits = torch.cat([model(to_float(x[i:i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    gap = logits.max(1, keepdim=True).values - logits
+    return [gap[y != t, t].mean().item() if bool((y != t).any()) else math.nan for t in range(k)]
 
 
 def _sample(x: torch.Tensor, y: torch.Tensor, k: int, per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
