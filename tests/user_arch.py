@@ -12,8 +12,8 @@ class UserNet(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(128, 64), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveMaxPool2d(4), nn.Flatten(),
+            nn.Linear(512, 64), nn.ReLU(),
         )
         self.scores = nn.Linear(64, num_classes)
         self.embed = nn.Linear(64, 16)  # unused by forward: a leftover projection head
