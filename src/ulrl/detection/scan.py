@@ -52,7 +52,7 @@ class ScanConfig:
     uap_growth: float = 1.15
     uap_step: float = 0.5
     uap_level: float = 0.9  # the statistic: radius at which this fraction of the other classes' images flip
-    uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (natural reachability)
+    uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (8+ classes)
     # maximum margins
     margin_starts: int = 4
     margin_steps: int = 100
@@ -148,7 +148,8 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[fl
                         seed=cfg.seed, device=cfg.device, progress=progress)
     score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"]}
-    if cfg.uap_adjust:  # what the clean data's own closeness to each class explains is not evidence
+    if cfg.uap_adjust and k >= 8:  # what the clean data's closeness to each class explains is not evidence
+        # (a robust line needs points to spare: with fewer than 8 classes it would pass through most of them)
         gap = clean_gap(model, x, y, k, cfg.device)
         extra.update(raw_score=score, clean_gap=gap)
         score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)

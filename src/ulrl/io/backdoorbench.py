@@ -55,11 +55,14 @@ MAX_POISONED = 200_000
 
 
 def _numpy_globals() -> list:
-    from numpy._core import multiarray
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
 
-    allow: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
-                   (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-                   (multiarray.scalar, "numpy.core.multiarray.scalar")]
+    allow: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # records pickled under either numpy
+        allow += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
     kinds = ("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64")
     return allow + [type(np.dtype(k)) for k in kinds]
 
