@@ -145,24 +145,18 @@ def _load_bare(arch, state, num_classes, channels, size, **kw):
 
 
 # --- key layouts -----------------------------------------------------------------------------------------
-def test_preactresnet18_key_layout_and_logits():
+@pytest.mark.parametrize("reference,arch,batch,atol", [
+    (lambda: RefPreActResNet18(10), "preact-resnet18", 4, 1e-5),
+    (lambda: ref_vgg19_bn(10), "vgg19-bn-torchvision", 2, 1e-4),
+], ids=["preactresnet18", "vgg19_bn"])
+def test_key_layout_and_logits(reference, arch, batch, atol):
     torch.manual_seed(0)
-    ref = RefPreActResNet18(10)
+    ref = reference()
     _randomise_bn(ref)
     ref.eval()
-    ours = _load_bare("preact-resnet18", ref.state_dict(), 10, 3, 32)
-    x = torch.rand(4, 3, 32, 32)
-    assert torch.allclose(ours(x), ref(x), atol=1e-5)
-
-
-def test_vgg19_bn_key_layout_and_logits():
-    torch.manual_seed(0)
-    ref = ref_vgg19_bn(10)
-    _randomise_bn(ref)
-    ref.eval()
-    ours = _load_bare("vgg19-bn-torchvision", ref.state_dict(), 10, 3, 32)
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(ours(x), ref(x), atol=1e-4)
+    ours = _load_bare(arch, ref.state_dict(), 10, 3, 32)
+    x = torch.rand(batch, 3, 32, 32)
+    assert torch.allclose(ours(x), ref(x), atol=atol)
 
 
 def test_vit_key_mapping_and_logits():

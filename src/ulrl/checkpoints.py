@@ -22,36 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import UserError
-from .io import ATTACK_PREFIX, input_file, read_sidecar, read_weights, validate_meta
+from .io import ATTACK_PREFIX, build_model, input_file, open_weights, read_sidecar, validate_meta
+from .io.paths import check_output, ensure_dir  # noqa: F401  (part of this module's interface)
 
 
 # --- atomic, non-clobbering output ----------------------------------------------------------
-def check_output(path: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
-    """Refuse to write over an input file (or its sidecar), or over an existing file unless ``overwrite``."""
-    from .io.paths import same_file
-
-    out = Path(path).resolve()
-    for inp in (Path(i) for i in inputs if i):
-        for src in (inp, sidecar(inp)):
-            if same_file(Path(path), src):
-                raise UserError(f"output {path} is also an input ({src}); choose another output path")
-    if out.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another path or pass --overwrite")
-    return out
-
-
-def ensure_dir(path: str | Path) -> Path:
-    """Create an output directory and check that it is writable."""
-    d = Path(path)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to output directory {d}: {e.strerror}; choose a writable --out") from None
-    return d
-
-
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then move the finished file into place in one rename."""
     path = Path(path)
@@ -114,13 +89,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return read_sidecar(path)
 
 
-def _build(meta: dict[str, Any]) -> nn.Module:
-    from .models import create_model
-
-    return create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                        image_size=meta["image_size"], mean=meta.get("mean"), std=meta.get("std"))
-
-
 def load_checkpoint(path: str | Path, meta: dict[str, Any] | None = None,
                     check: Callable[[dict[str, Any]], None] | None = None,
                     ) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:
@@ -137,11 +105,5 @@ def load_checkpoint(path: str | Path, meta: dict[str, Any] | None = None,
     meta = read_sidecar(p) if meta is None else validate_meta(meta, f"the description of {path}", p.parent)
     if check is not None:
         check(meta)
-    with torch.device("meta"):
-        skeleton = _build(meta)
-    state, attack_tensors = read_weights(p, skeleton, f"checkpoint {path}")
-    model = _build(meta)
-    own = model.state_dict()
-    model.load_state_dict({**{k: own[k] for k in set(own) - set(state)}, **state})  # at most mean/std kept (bare network)
-    model.eval()
+    model, attack_tensors = build_model(meta, lambda honest: open_weights(p, honest), f"checkpoint {path}")
     return model, meta, attack_tensors

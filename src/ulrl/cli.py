@@ -119,15 +119,13 @@ def _load_inputs(args, want_attack: bool = True):
 
 def _check_outputs(args, names: list[str]) -> None:
     """Before any work: --out can hold ``names`` without replacing an input (model, sidecar, data)."""
-    from .checkpoints import sidecar
     from .data import DATASETS, _canonical
     from .io import check_outputs
 
     name = args.data or "fashion-mnist"
     data_dirs = [args.data_dir, DATASETS.get(_canonical(name), (None, None))[1], name if Path(name).is_dir() else None,
                  getattr(args, "poisoned_test", None)]
-    check_outputs(args.out, names, inputs=[args.model, sidecar(args.model)], overwrite=args.overwrite,
-                  input_dirs=data_dirs)
+    check_outputs(args.out, names, inputs=[args.model], overwrite=args.overwrite, input_dirs=data_dirs)
 
 
 def _add_poisoned_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ docs/security.md lists the checks in the order they run.
 
 from .paths import check_outputs, file_inside, input_file
 from .sidecar import read_sidecar, validate_meta
-from .tensors import ATTACK_PREFIX, read_weights
+from .tensors import ATTACK_PREFIX, build_model, open_weights
 
-__all__ = ["ATTACK_PREFIX", "check_outputs", "file_inside", "input_file", "read_sidecar", "read_weights", "validate_meta"]
+__all__ = ["ATTACK_PREFIX", "build_model", "check_outputs", "file_inside", "input_file", "open_weights", "read_sidecar",
+           "validate_meta"]

@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..metrics import PoisonedSet
 from .paths import file_inside, input_file
 from .sidecar import MAX_CLASSES, MAX_IMAGE_SIZE, validate_meta
-from .tensors import checked_state, honest_bytes, state_entries, torch_load
+from .tensors import build_model, state_entries, torch_load
 
 RECORD_FILE = "attack_result.pt"
 ARCHS = {"preactresnet18": "preact-resnet18", "vgg19_bn": "vgg19-bn-torchvision", "vit_b_16": "vit-b16-resize224"}
@@ -73,33 +73,41 @@ def is_record(path: str | Path) -> bool:
 
 
 # --- key layouts ------------------------------------------------------------------------------------------
-_VIT_RULES = [
-    (r"conv_proj\.", "vit.patch_embed."), (r"class_token$", "vit.cls_token"), (r"encoder\.pos_embedding$", "vit.pos_embed"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"vit.blocks.\1.norm1."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"vit.blocks.\1.norm2."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_weight$", r"vit.blocks.\1.attn.qkv.weight"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_bias$", r"vit.blocks.\1.attn.qkv.bias"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"vit.blocks.\1.attn.proj."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.", r"vit.blocks.\1.mlp.0."),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.", r"vit.blocks.\1.mlp.2."),
-    (r"encoder\.ln\.", "vit.norm."), (r"heads\.head\.", "vit.head."),
+# torchvision's ViT names (after the Sequential index "1.") <-> ours; "{i}" is the block number.
+_VIT_NAMES = [
+    ("conv_proj.", "vit.patch_embed."), ("class_token", "vit.cls_token"), ("encoder.pos_embedding", "vit.pos_embed"),
+    ("encoder.layers.encoder_layer_{i}.ln_1.", "vit.blocks.{i}.norm1."),
+    ("encoder.layers.encoder_layer_{i}.ln_2.", "vit.blocks.{i}.norm2."),
+    ("encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight", "vit.blocks.{i}.attn.qkv.weight"),
+    ("encoder.layers.encoder_layer_{i}.self_attention.in_proj_bias", "vit.blocks.{i}.attn.qkv.bias"),
+    ("encoder.layers.encoder_layer_{i}.self_attention.out_proj.", "vit.blocks.{i}.attn.proj."),
+    ("encoder.layers.encoder_layer_{i}.mlp.0.", "vit.blocks.{i}.mlp.0."),
+    ("encoder.layers.encoder_layer_{i}.mlp.3.", "vit.blocks.{i}.mlp.2."),
+    ("encoder.ln.", "vit.norm."), ("heads.head.", "vit.head."),
 ]
-_VIT_BACK = [
-    (r"vit\.patch_embed\.", "conv_proj."), (r"vit\.cls_token$", "class_token"), (r"vit\.pos_embed$", "encoder.pos_embedding"),
-    (r"vit\.blocks\.(\d+)\.norm1\.", r"encoder.layers.encoder_layer_\1.ln_1."),
-    (r"vit\.blocks\.(\d+)\.norm2\.", r"encoder.layers.encoder_layer_\1.ln_2."),
-    (r"vit\.blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_weight"),
-    (r"vit\.blocks\.(\d+)\.attn\.qkv\.bias$", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_bias"),
-    (r"vit\.blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.encoder_layer_\1.self_attention.out_proj."),
-    (r"vit\.blocks\.(\d+)\.mlp\.0\.", r"encoder.layers.encoder_layer_\1.mlp.0."),
-    (r"vit\.blocks\.(\d+)\.mlp\.2\.", r"encoder.layers.encoder_layer_\1.mlp.3."),
-    (r"vit\.norm\.", "encoder.ln."), (r"vit\.head\.", "heads.head."),
+_VIT_OLD_NAMES = [  # older torchvision MLP names, read but never written
+    ("encoder.layers.encoder_layer_{i}.mlp.linear_1.", "vit.blocks.{i}.mlp.0."),
+    ("encoder.layers.encoder_layer_{i}.mlp.linear_2.", "vit.blocks.{i}.mlp.2."),
 ]
+
+
+def _rules(pairs: list[tuple[str, str]], forward: bool) -> list[tuple[str, str]]:
+    """Regex rules from name templates: a prefix ending in "." matches a prefix, any other a whole key."""
+    out = []
+    for a, b in pairs:
+        src, dst = (a, b) if forward else (b, a)
+        pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)") + ("" if src.endswith(".") else "$")
+        out.append((pattern, dst.replace("{i}", r"\1")))
+    return out
+
+
+_FROM_BB = _rules(_VIT_NAMES + _VIT_OLD_NAMES, forward=True)
+_TO_BB = _rules(_VIT_NAMES, forward=False)
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     for pattern, repl in rules:
-        new, n = re.subn("^" + pattern, repl, key)
+        new, n = re.subn(pattern, repl, key)
         if n:
             return new
     return key
@@ -108,11 +116,11 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
 def vit_from_backdoorbench(key: str) -> str:
     """``1.encoder.layers.encoder_layer_3.mlp.0.weight`` -> ``vit.blocks.3.mlp.0.weight`` (the ``1.`` is the
     Sequential index after BackdoorBench's Resize)."""
-    return _rename(key.removeprefix("1."), _VIT_RULES)
+    return _rename(key.removeprefix("1."), _FROM_BB)
 
 
 def vit_to_backdoorbench(key: str) -> str:
-    return "1." + _rename(key, _VIT_BACK)
+    return "1." + _rename(key, _TO_BB)
 
 
 def from_backdoorbench(model_name: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -191,24 +199,11 @@ def read_record(path: str | Path) -> Record:
 
 def load_record_model(rec: Record) -> nn.Module:
     """The record's model, its weights checked against the architecture before they are read."""
-    from ..models import create_model
-
-    def build() -> nn.Module:
-        m = rec.meta
-        return create_model(m["arch"], m["num_classes"], m["in_channels"], m["image_size"], m.get("mean"), m.get("std"))
-
     source = f"the model of BackdoorBench record {rec.folder}"
-    with torch.device("meta"):
-        skeleton = build()
-    honest_bytes(skeleton, source)
-    entries, get = state_entries(rec.state, source)
-    state, extra = checked_state(entries, get, skeleton, source)
+    model, extra = build_model(rec.meta, lambda _: state_entries(rec.state, source), source)
     if extra:
         raise UserError(f"{source} has unexpected entries ({next(iter(extra))})")
-    model = build()
-    own = model.state_dict()
-    model.load_state_dict({**{k: own[k] for k in set(own) - set(state)}, **state})
-    return model.eval()
+    return model
 
 
 def _uint8_images(x: Any, where: str, channels: int, size: int) -> torch.Tensor:

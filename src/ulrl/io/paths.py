@@ -64,13 +64,37 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def check_output(path: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False) -> Path:
+    """Refuse to write over an input file or its sidecar (``overwrite`` or not), or over an existing
+    file unless ``overwrite``."""
+    out = Path(path)
+    for inp in (Path(i) for i in inputs if i):
+        for src in (inp, inp.with_suffix(".json")):
+            if same_file(out, src):
+                raise UserError(f"output {path} is also an input ({src}); choose another output path")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{path} already exists; choose another path or pass --overwrite")
+    return out.resolve()
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create an output directory and check that it is writable."""
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {d}: {e.strerror or e}; choose a writable --out") from None
+    return d
+
+
 def check_outputs(out: str | Path, names: Iterable[str], inputs: Iterable[str | Path | None] = (),
                   overwrite: bool = False, input_dirs: Iterable[str | Path | None] = ()) -> Path:
-    """Before any work: ``out`` is (or can be made) a writable directory, and none of
-    ``out/name`` is an input file (``overwrite`` or not), lies inside an input directory, or
-    exists already unless ``overwrite``. Returns ``out``."""
+    """Before any work: ``out`` is (or can be made) a writable directory outside every input
+    directory, and each ``out/name`` passes :func:`check_output` and is not a directory or special
+    file. Returns ``out``."""
     d = Path(out)
-    ins = [Path(p) for p in inputs if p]
     for p in (d, *d.parents):
         if p.is_symlink() or p.exists():
             if not p.is_dir():
@@ -80,20 +104,9 @@ def check_outputs(out: str | Path, names: Iterable[str], inputs: Iterable[str | 
     for src in (Path(p) for p in input_dirs if p):
         if src.is_dir() and d.resolve().is_relative_to(src.resolve()):
             raise UserError(f"--out {out} is inside the input folder {src}; write the results somewhere else")
-    targets = [d / name for name in names]
-    for t in targets:
-        for inp in ins:
-            if same_file(t, inp):
-                raise UserError(f"output {t} would replace the input {inp}; choose another --out")
-        if t.is_symlink() or t.exists():
-            if t.is_dir() or not (t.is_file() or t.is_symlink()):
-                raise UserError(f"output {t} exists and is {_kind(t.stat().st_mode)}; choose another --out")
-            if not overwrite:
-                raise UserError(f"{t} already exists; choose another --out or pass --overwrite")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from None
-    return d
+    inputs = list(inputs)
+    for t in (d / name for name in names):
+        if t.exists() and not t.is_file():
+            raise UserError(f"output {t} exists and is {_kind(t.stat().st_mode)}; choose another --out")
+        check_output(t, inputs, overwrite)
+    return ensure_dir(d)

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .paths import input_file
 
 ATTACK_PREFIX = "__attack__."
 MAX_HEADER_BYTES = 16 << 20  # safetensors header / zip pickle
@@ -218,20 +217,34 @@ def honest_bytes(model_on_meta: nn.Module, source: str) -> int:
     return honest
 
 
-def read_weights(path: str | Path, model_on_meta: nn.Module, source: str | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The state dict (model keys) and attack tensors of ``path``, checked entry by entry against
-    ``model_on_meta``'s state dict before any of them is read into memory."""
-    p = input_file(path, "checkpoint", hint="; give a .safetensors or .pt/.pth file")
-    source = source or f"checkpoint {path}"
-    honest = honest_bytes(model_on_meta, source)
-    if p.suffix == ".safetensors":
-        entries, get = _safetensors(p)
-    elif p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        entries, get = _torch_file(p, 2 * honest + MAX_ATTACK_BYTES // 16 + SLACK_BYTES)
-    else:
-        raise UserError(f"checkpoint {path} must be a .safetensors, .pt or .pth file")
-    return checked_state(entries, get, model_on_meta, source)
+def open_weights(path: Path, honest: int) -> tuple[dict[str, Entry], Any]:
+    """The table of contents of a weights file and a getter for each entry (nothing read yet)."""
+    if path.suffix == ".safetensors":
+        return _safetensors(path)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return _torch_file(path, 2 * honest + MAX_ATTACK_BYTES // 16 + SLACK_BYTES)
+    raise UserError(f"checkpoint {path} must be a .safetensors, .pt or .pth file")
+
+
+def build_model(meta: dict[str, Any], open_entries, source: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model ``meta`` describes, filled from ``open_entries(honest_bytes)`` -> ``(entries, get)``:
+    the architecture is built on the ``meta`` device (no memory), the entries are matched to it by
+    name, shape and dtype, and only then is the model allocated and each tensor read, checked finite
+    and copied in. Returns ``(model in eval mode, attack tensors)``."""
+    from ..models import create_model
+
+    def build() -> nn.Module:
+        return create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                            meta.get("mean"), meta.get("std"))
+
+    with torch.device("meta"):
+        skeleton = build()
+    entries, get = open_entries(honest_bytes(skeleton, source))
+    state, attack = checked_state(entries, get, skeleton, source)
+    model = build()
+    own = model.state_dict()
+    model.load_state_dict({**{k: own[k] for k in set(own) - set(state)}, **state})  # at most mean/std kept (bare network)
+    return model.eval(), attack
 
 
 def checked_state(entries: dict[str, Entry], get, model_on_meta: nn.Module, source: str
