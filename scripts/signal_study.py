@@ -14,11 +14,13 @@ the regression on the clean logit gap), to compare the two.
 import argparse
 import itertools
 import math
+from dataclasses import fields
 
 import torch
 
 from ulrl.bench import collect_scans
-from ulrl.detection import stats
+from ulrl.detection import ScanConfig, stats
+from ulrl.detection.scan import decide
 
 
 def _truth(spec):
@@ -36,19 +38,14 @@ def _raw(scan: dict) -> dict:
 
 
 def verdict(scan: dict, signals: tuple[str, ...], alpha: float) -> tuple[bool, list[int], str]:
-    p = torch.tensor([scan["signals"][s]["p"] for s in signals])
-    dfs = tuple(float(scan["parameters"]["null_df_" + s.replace("-", "_")] or math.inf) for s in signals)
-    comb = stats.combine(p, dfs) if len(signals) > 1 else {"p": p[0].tolist(), "p_model": scan["signals"][signals[0]]["p_model"]}
-    share = scan["parameters"].get("all_to_all_share", 0.5)
-    a2a = scan["all_to_all"]["p"] if scan.get("all_to_all") and "universal" in signals else None
-    p_value = comb["p_model"] if a2a is None else min(1.0, comb["p_model"] / (1 - share), a2a / share)
-    if p_value > alpha:
-        return False, [], "none"
-    if a2a is not None and a2a / share < comb["p_model"] / (1 - share):
-        return True, list(range(len(comb["p"]))), "all-to-all"
-    order = sorted(range(len(comb["p"])), key=lambda c: comb["p"][c])
-    k = len(order)
-    return True, [order[0]] + [c for c in order[1:] if comb["p"][c] * k <= alpha], "all-to-one"
+    """The scan's own decision (:func:`ulrl.detection.scan.decide`) with only ``signals``."""
+    par = scan["parameters"]
+    cfg = ScanConfig(**{f.name: par[f.name] for f in fields(ScanConfig) if f.name in par and f.name.startswith("null_df_")
+                        and par[f.name] is not None}, alpha=alpha, signals=signals,
+                     all_to_all_share=par.get("all_to_all_share", 0.1), warp_share=par.get("warp_share", 0.1))
+    a2a = scan["all_to_all"] if scan.get("all_to_all") and "universal" in signals else {}
+    d = decide({s: scan["signals"][s]["p"] for s in signals}, {s: scan["signals"][s]["p_model"] for s in signals}, a2a, cfg)
+    return bool(d["suspected"]), d["suspected"], d["kind"]
 
 
 def main() -> None:

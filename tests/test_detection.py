@@ -13,6 +13,7 @@ from ulrl.attacks import build_attack
 from ulrl.cli import main
 from ulrl.data.readers import synthetic
 from ulrl.detection import ScanConfig, scan, stats
+from ulrl.detection.universal import warp
 from ulrl.errors import UserError
 
 FAST = dict(uap_per_class=4, margin_steps=40)
@@ -46,7 +47,8 @@ def test_each_signal_ranks_the_planted_target_first(planted):
     models, x, y = planted
     result = scan(models["backdoored"], x, y, ScanConfig(**FAST), progress=False)
     for name, ev in result.signals.items():
-        assert max(range(K), key=lambda c: ev.z[c]) == 2, (name, ev.z)
+        if name != "warp":  # a patch is not a warp: the warp signal has its own planted test below
+            assert max(range(K), key=lambda c: ev.z[c]) == 2, (name, ev.z)
     assert result.suspected[:1] == [2] and result.verdict == "backdoored" and result.kind == "all-to-one"
     assert 0 <= result.p_value <= result.alpha
     assert result.perturbations.shape == (K, 1, 16, 16)
@@ -135,6 +137,50 @@ def test_scan_cli_bad_input_is_exit_2(ckpts, tmp_path, capsys):
     (tmp_path / "e" / "scan.json").write_text("{}")
     assert _scan(ckpts, ckpts / "bd.safetensors", tmp_path / "e") == 2  # never over an existing result
     assert "already exists" in capsys.readouterr().err
+
+
+def test_warp_moves_pixels_by_the_field():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 3] = 1.0  # a vertical bar in column 3
+    assert torch.allclose(warp(x, torch.zeros(1, 2, 4, 4))[0], x, atol=1e-5)  # no displacement: the image itself
+    flow = torch.zeros(1, 2, 4, 4)
+    flow[:, 0] = 1.0  # every pixel samples one pixel to its right: the bar moves one column left
+    moved = warp(x, flow)[0, 0, 0]
+    assert torch.allclose(moved[..., 2], torch.ones(8), atol=1e-5) and moved[..., 3].abs().max() < 1e-6
+
+
+class _WarpTarget(torch.nn.Module):
+    """Class c is a bright block in rows 2c..2c+1 (columns 0-3); every image also has a bright bar
+    in column 8, and class 5's logit rises sharply when that bar moves one column right: a warp
+    trigger. Reaching any other class takes moving a block by two pixels or more."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(K, K)  # the scan looks for the classifier: identity
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(K))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        rows = x[..., :4].mean(-1).flatten(1)  # (N, 16): brightness of each row's first four pixels
+        out = 10 * (rows[:, 0::2] + rows[:, 1::2]) / 2
+        bar = x[..., 9].mean((1, 2)) - x[..., 7].mean((1, 2))
+        return self.fc(torch.cat([out[:, :5], out[:, 5:6] + 40 * bar[:, None], out[:, 6:]], 1))
+
+
+def test_warp_signal_finds_a_planted_warp_trigger():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(160) % K
+    x = torch.rand(160, 1, 16, 16, generator=gen) * 0.3
+    for c in range(K):
+        x[y == c, :, 2 * c: 2 * c + 2, :4] = 1.0
+    x[..., 8] = 1.0
+    model = _WarpTarget()
+    assert (model(x).argmax(1) == y).all()
+    result = scan(model, x, y, ScanConfig(signals=("warp", "universal"), uap_per_class=4), progress=False)
+    ev = result.signals["warp"]
+    assert max(range(K), key=lambda c: ev.z[c]) == 5 and ev.p_model < 0.05, ev.z
+    assert ev.statistic[5] < 2.0 and result.warps.shape == (K, 2, 8, 8)  # reached by a warp of under 2 pixels
 
 
 def test_all_to_all_rank_test():

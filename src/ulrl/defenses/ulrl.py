@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data.transforms import to_float
 from ..detection import ScanConfig, ScanResult, scan
+from ..detection.universal import warp
 from ..detection.weight_change import mad_outliers, unlearn
 from ..errors import UserError
 from ..metrics import accuracy
@@ -202,20 +203,29 @@ def cosine_penalty(layer: nn.Linear, w_original: torch.Tensor, rows: list[int], 
     return penalty
 
 
-def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float):
+def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float,
+                       warps: list[torch.Tensor | None] | None = None):
     """``beta * CE(model(x + delta_k), y)``: clean images carrying the scan's perturbation toward a
     flagged class ``targets[k]`` keep their true labels, so relearning takes the shortcut away in
-    the whole network, not only in the re-initialised rows. Each image gets one of the
-    perturbations at random; images of that very class are left out."""
+    the whole network, not only in the re-initialised rows. Where the scan's warp search reached
+    the class (``warps[k]``, a displacement field), the images are also warped along it. Each image
+    gets one of the flagged classes' perturbations at random; images of that very class are left out."""
     tgt = torch.tensor(targets)
     gen = torch.Generator().manual_seed(0)
+    warps = warps or [None] * len(targets)
 
     def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(len(targets), (len(y),), generator=gen)
         keep = tgt[pick].to(y.device) != y
         if not keep.any():
             return out.sum() * 0
-        xp = (x[keep] + deltas[pick[keep.cpu()]].to(x.device)).clamp(0, 1)
+        xp, pk = x[keep], pick[keep.cpu()]
+        for k in pk.unique().tolist():
+            if warps[k] is not None:
+                sel = (pk == k).to(x.device)
+                xp = xp.clone()
+                xp[sel] = warp(xp[sel], warps[k][None].to(x.device))[0]
+        xp = (xp + deltas[pk].to(x.device)).clamp(0, 1)
         return beta * F.cross_entropy(model(xp), y[keep])
 
     return penalty
@@ -347,7 +357,11 @@ def purify(
         penalties.append(with_distillation(teacher, flagged, cfg.distill))
     if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
         deltas = result.perturbations[flagged] * cfg.trigger_scale
-        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn))
+        warps = None
+        if result.warps is not None:  # the warps that reached a flagged class are shortcuts too
+            reached = result.signals["warp"].statistic
+            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in flagged]
+        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, warps))
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
     def track(epoch: int, record: dict) -> None:

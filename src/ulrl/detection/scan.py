@@ -32,17 +32,19 @@ from .universal import UniversalConfig, clean_gap, universal_radii
 from .weight_change import two_looks
 
 SCHEMA_VERSION = 1
-SIGNALS = ("universal", "margin", "weight-change")
+SIGNALS = ("universal", "warp", "margin", "weight-change")
 
 
 @dataclass
 class ScanConfig:
     signals: tuple[str, ...] = SIGNALS  # which signals to run
-    verdict_signals: tuple[str, ...] | None = None  # the ones combined into the verdict (None: every signal run)
+    verdict_signals: tuple[str, ...] | None = None  # the ones combined per class (None: every signal run but warp)
     alpha: float = 0.05  # verdict threshold on the model's p-value: the nominal false-positive rate
     all_to_all_share: float = 0.1  # share of alpha spent on the all-to-all test (weighted Bonferroni; 0: off)
+    warp_share: float = 0.1  # share of alpha spent on the warp signal's own test (0: off)
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
     null_df_universal: float = math.inf
+    null_df_warp: float = math.inf  # its own test; largest z over the 33 clean runs: 6.4 (p 0.028 before its share)
     null_df_margin: float = 3.0
     null_df_weight_change: float = 3.0
     # universal perturbations
@@ -53,6 +55,10 @@ class ScanConfig:
     uap_step: float = 0.5
     uap_level: float = 0.9  # the statistic: radius at which this fraction of the other classes' images flip
     uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (8+ classes)
+    # universal warps (a smooth displacement field; radius: RMS displacement of the control points, pixels)
+    warp_grid: int = 8  # control points per axis (WaNet draws 4; 8 also fits finer fields)
+    warp_min_px: float = 0.02
+    warp_max_px: float = 4.0
     # maximum margins
     margin_starts: int = 4
     margin_steps: int = 100
@@ -83,8 +89,10 @@ class ScanConfig:
             raise UserError("verdict_signals must be a non-empty subset of signals")
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
-        if not 0.0 <= self.all_to_all_share < 1.0:
-            raise UserError(f"all_to_all_share must be in [0, 1), got {self.all_to_all_share}")
+        if not (0.0 <= self.all_to_all_share < 1.0 and 0.0 <= self.warp_share < 1.0
+                and self.all_to_all_share + self.warp_share < 1.0):
+            raise UserError(f"all_to_all_share and warp_share must be >= 0 and sum to less than 1, "
+                            f"got {self.all_to_all_share} and {self.warp_share}")
 
 
 @dataclass
@@ -109,6 +117,7 @@ class ScanResult:
     p_class: list[float]  # per class: combined p-value
     p_all_to_one: float  # the most suspicious class, corrected for having looked at all of them
     all_to_all: dict[str, Any]  # the test for y -> (y + k) mod K backdoors (shift, rank sums, p), from the universal search
+    p_warp: float | None  # the warp signal's own test (None: not run, or combined per class)
     p_value: float  # the model's: chance that a clean model shows a class (or a shift) this extreme
     verdict: str  # "backdoored" | "no evidence"
     kind: str  # "all-to-one", "all-to-all" or "none"
@@ -119,6 +128,7 @@ class ScanResult:
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
     perturbations: torch.Tensor | None = field(default=None, repr=False)  # per class, from the universal search
+    warps: torch.Tensor | None = field(default=None, repr=False)  # per class displacement fields, from the warp search
 
     @property
     def backdoored(self) -> bool:
@@ -128,6 +138,7 @@ class ScanResult:
         """Plain JSON: non-finite numbers (a class never reached) become ``None``."""
         out = asdict(self)
         out.pop("perturbations")
+        out.pop("warps")
         return _finite(out)
 
 
@@ -156,6 +167,15 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[fl
     return u["radius"], score, extra
 
 
+def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
+    u = universal_radii(model, x, y, k, UniversalConfig(cfg.uap_per_class, cfg.warp_min_px, cfg.warp_max_px,
+                                                        cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, stop=1.0,
+                                                        transform="warp", warp_grid=cfg.warp_grid),
+                        seed=cfg.seed, device=cfg.device, progress=progress)
+    # most classes are never reached by a warp of a few pixels: rank by the mean log radius over images
+    return u["radius"], [-v for v in u["mean_log_radius"]], {"warps": u["deltas"]}
+
+
 def _margin(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
     m = max_margins(model, k, tuple(x.shape[1:]), MarginConfig(cfg.margin_starts, cfg.margin_steps, cfg.margin_lr),
                     seed=cfg.seed, device=cfg.device, progress=progress)
@@ -176,11 +196,51 @@ def _weight_change(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[lis
     return first, score, {"layer": name, **looks}
 
 
-_RUN = {"universal": _universal, "margin": _margin, "weight-change": _weight_change}
+_RUN = {"universal": _universal, "warp": _warp, "margin": _margin, "weight-change": _weight_change}
 
 
 def _df(cfg: ScanConfig, signal: str) -> float:
     return getattr(cfg, "null_df_" + signal.replace("-", "_"))
+
+
+def combined_signals(cfg: ScanConfig, run: list[str] | tuple[str, ...]) -> list[str]:
+    """The signals of the per-class (Fisher) combination: ``verdict_signals``, or every signal run
+    but ``warp``, which has a test of its own (unless it is the only one)."""
+    used = [s for s in (cfg.verdict_signals or run) if s in run and (s != "warp" or cfg.verdict_signals)]
+    return used or list(run)
+
+
+def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, Any], cfg: ScanConfig) -> dict[str, Any]:
+    """The verdict from each signal's per-class p-values (``p``) and model-level p (``p_model``) and
+    the all-to-all test (``a2a``, may be empty). Three tests, each for one kind of backdoor, share
+    alpha (weighted Bonferroni): all-to-one (per class, Fisher over :func:`combined_signals`; the
+    most suspicious class, corrected for having looked at all K), all-to-all (the rank test, share
+    ``all_to_all_share``) and warp (the warp signal alone, share ``warp_share``). Kept apart because
+    each sees one kind of trigger: folded into the Fisher sum, a warp signal that sees nothing on a
+    patch or a blend dilutes the signals that do (docs/detection.md)."""
+    used = combined_signals(cfg, list(p))
+    k = len(p[used[0]])
+    comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(_df(cfg, s) for s in used)) \
+        if len(used) > 1 else {"p": p[used[0]], "p_model": p_model[used[0]]}
+    tests = {}  # name: (p-value, share of alpha)
+    if a2a and cfg.all_to_all_share > 0:
+        tests["all-to-all"] = (a2a["p"], cfg.all_to_all_share)
+    if "warp" in p and "warp" not in used and cfg.warp_share > 0:
+        tests["warp"] = (p_model["warp"], cfg.warp_share)
+    tests["all-to-one"] = (comb["p_model"], 1.0 - sum(share for _, share in tests.values()))
+    best = min(tests, key=lambda n: tests[n][0] / tests[n][1])
+    p_value = min(1.0, tests[best][0] / tests[best][1])
+    kind, suspected = "none", []
+    if p_value <= cfg.alpha:
+        if best == "all-to-all":  # every class is a target: (s + shift) mod K
+            kind, suspected = "all-to-all", [(s + a2a["shift"]) % k for s in range(k)]
+        else:
+            kind = "all-to-one"
+            ps = p["warp"] if best == "warp" else comb["p"]
+            order = sorted(range(k), key=lambda c: ps[c])
+            suspected = [order[0]] + [c for c in order[1:] if ps[c] * k <= cfg.alpha]  # Bonferroni for the rest
+    return {"p_class": comb["p"], "p_all_to_one": comb["p_model"], "p_warp": tests.get("warp", (None,))[0],
+            "p_value": p_value, "kind": kind, "suspected": suspected, "test": best if suspected else None}
 
 
 def _frozen(model: nn.Module, device: str) -> nn.Module:
@@ -204,40 +264,29 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     frozen = _frozen(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
-    perturbations = None
+    perturbations = warps = None
     for name in cfg.signals:
         t0 = time.perf_counter()
         target = model if name == "weight-change" else frozen  # weight change trains a copy of its own
         statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
         perturbations = extra.pop("perturbations", perturbations)
-        test = stats.outlier_test(score, _df(cfg, name))
+        warps = extra.pop("warps", warps)
+        # the warp statistic is a mean of log radii on the search's grid: half a step is its resolution
+        floor = 0.5 * math.log(cfg.uap_growth) if name == "warp" else 0.0
+        test = stats.outlier_test(score, _df(cfg, name), floor)
         seconds[name] = time.perf_counter() - t0
         evidence[name] = Evidence(statistic, score, test["z"], test["p"], test["p_model"], seconds[name], extra)
-    used = list(cfg.verdict_signals or cfg.signals)
-    comb = stats.combine(torch.tensor([evidence[s].p for s in used]), tuple(_df(cfg, s) for s in used)) \
-        if len(used) > 1 else {"p": evidence[used[0]].p, "p_model": evidence[used[0]].p_model}
-    p_class, p_one = comb["p"], comb["p_model"]
-    order = sorted(range(k), key=lambda c: p_class[c])
     a2a: dict[str, Any] = {}
-    p_value, share = p_one, cfg.all_to_all_share
-    if "universal" in evidence and share > 0:
+    if "universal" in evidence and cfg.all_to_all_share > 0:
         pair = [[math.inf if v is None else v for v in row] for row in evidence["universal"].extra["pair_radius"]]
         a2a = stats.cyclic_all_to_all(pair, cfg.seed)
-        p_value = min(1.0, p_one / (1 - share), a2a["p"] / share)  # weighted Bonferroni over the two kinds
-    suspected: list[int] = []
-    kind = "none"
-    if p_value <= cfg.alpha:
-        if a2a and a2a["p"] / share < p_one / (1 - share):  # every class is a target: (s + shift) mod K
-            kind, suspected = "all-to-all", [(s + a2a["shift"]) % k for s in range(k)]
-        else:
-            kind = "all-to-one"
-            suspected = [order[0]] + [c for c in order[1:] if p_class[c] * k <= cfg.alpha]  # Bonferroni for the rest
+    d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg)
     seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
     return ScanResult(
         num_classes=k, clean_samples=int(len(y)), signals=evidence,
-        combined=[-math.log10(max(p, 1e-300)) for p in p_class], p_class=p_class, p_all_to_one=p_one,
-        all_to_all=a2a, p_value=p_value, verdict="backdoored" if suspected else "no evidence", kind=kind,
-        suspected=suspected, alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
-        perturbations=perturbations,
+        combined=[-math.log10(max(p, 1e-300)) for p in d["p_class"]], p_class=d["p_class"],
+        p_all_to_one=d["p_all_to_one"], all_to_all=a2a, p_warp=d["p_warp"], p_value=d["p_value"],
+        verdict="backdoored" if d["suspected"] else "no evidence", kind=d["kind"], suspected=d["suspected"], alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
+        perturbations=perturbations, warps=warps,
     )

@@ -16,6 +16,16 @@ regresses the per-class statistic on the class's clean logit gap (:func:`clean_g
 robust (Theil-Sen) line and keeps the residual: a target is a class reached far more easily than
 its clean gap explains.
 
+Warps. A trigger can also be a change of *shape*: WaNet moves every pixel by a fraction of a pixel
+along one fixed, smooth warping field. No small additive perturbation reproduces that (the pixel
+change depends on the image), but a small universal *warp* does. With ``transform="warp"`` the
+search is over a smooth displacement field instead (``warp_grid`` x ``warp_grid`` control points
+per axis, upsampled bicubically, applied with ``grid_sample``), its radius the RMS displacement of
+the control points in pixels. On a clean model no class is reached by a warp of a few pixels,
+so most classes are never reached at all; the statistic that still ranks them is the mean over
+images of the log radius at which each one flips (``mean_log_radius``, capped at the largest
+radius searched).
+
 Radii are reported as RMS per pixel value (L2 norm / sqrt(C*H*W), images in [0, 1]), so they
 mean the same at every image size. The per-class statistic is ``-log(radius)`` (higher is more
 suspicious); per-source radii also give a source x target matrix, which exposes all-to-all
@@ -46,6 +56,8 @@ class UniversalConfig:
     stop: float = 0.5  # a class's search stops once this fraction reached it
     per_image: bool = False  # one perturbation per image instead of one per class (the sample-specific baseline)
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
+    transform: str = "add"  # "add": x + delta; "warp": x resampled along a smooth displacement field (radius in pixels)
+    warp_grid: int = 4  # transform="warp": control points per axis of the displacement field
     batch_size: int = 512
 
 
@@ -86,18 +98,37 @@ def _crossing(frac: torch.Tensor, log_r: torch.Tensor, level: float) -> float:
     return float(log_r[i - 1] + w * (log_r[i] - log_r[i - 1]))
 
 
+def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Resample images ``x`` (N, C, H, W) along displacement fields ``flow`` (M, 2, g, g), in pixels
+    (x then y offsets at g x g control points, upsampled bicubically); returns (M, N, C, H, W)."""
+    m, (n, c, h, w) = flow.shape[0], x.shape
+    field = F.interpolate(flow, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)  # (M, H, W, 2)
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                            indexing="ij")
+    pixel = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device)  # pixels -> grid units
+    grid = (torch.stack((gx, gy), 2) + field * pixel).clamp(-1, 1)
+    grid = grid[:, None].expand(m, n, h, w, 2).reshape(m * n, h, w, 2)
+    out = F.grid_sample(x[None].expand(m, n, c, h, w).reshape(m * n, c, h, w), grid, mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out.view(m, n, c, h, w)
+
+
 def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: UniversalConfig,
                     seed: int = 0, device: str = "cpu", progress: bool = False) -> dict:
     """Per target class: the RMS radius at which ``cfg.flip`` of the other classes' images flip to
-    it (``radius``), and per (source, target) the radius at which that source's images do
-    (``pair_radius[s][t]``); ``inf`` where the search stopped first (it stops for a class once the
-    class is reached). Also the final perturbations (``deltas``, K x C x H x W)."""
+    it (``radius``), the mean over those images of the log radius at which each flips, capped at
+    ``cfg.max_rms`` (``mean_log_radius``), and per (source, target) the radius at which that
+    source's images do (``pair_radius[s][t]``); ``inf`` where the search stopped first (it stops for
+    a class once the class is reached). Also the final perturbations (``deltas``: K x C x H x W, or
+    K x 2 x g x g displacement fields for ``transform="warp"``)."""
+    if cfg.transform not in ("add", "warp") or (cfg.transform == "warp" and (cfg.per_image or cfg.norm != "l2")):
+        raise ValueError(f"transform must be 'add', or 'warp' with the l2 norm and one field per class, got {cfg}")
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
     xs, ys = _sample(x, y, num_classes, cfg.per_class, gen)
     xs, ys = xs.to(device), ys.to(device)
     n = len(ys)
-    shape = xs.shape[1:]
+    shape = (2, cfg.warp_grid, cfg.warp_grid) if cfg.transform == "warp" else xs.shape[1:]
     dim = math.prod(shape)
     k = num_classes
     targets = torch.arange(k, device=device)
@@ -108,6 +139,7 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     steps = math.ceil(math.log(cfg.max_rms / cfg.min_rms) / math.log(cfg.growth)) + 1
     log_r = torch.tensor([math.log(cfg.min_rms * cfg.growth**i) for i in range(steps)])
     frac = torch.full((steps, k), math.nan)  # fraction of other classes' images reaching t
+    first = torch.full((k, n), float(steps))  # per target and image: the first step at which the image reached it
     pair_frac = torch.full((steps, k, k), math.nan)  # [step, source, target]
     active = torch.ones(k, dtype=torch.bool)
     used = 0
@@ -118,7 +150,10 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         used = i + 1
         r = math.exp(float(log_r[i])) * (math.sqrt(dim) if cfg.norm == "l2" else 1.0)
         d = delta[live].clone().requires_grad_(True)
-        xb = (xs[None] + (d if cfg.per_image else d[:, None])).clamp(0, 1).flatten(0, 1)
+        if cfg.transform == "warp":
+            xb = warp(xs, d).flatten(0, 1)
+        else:
+            xb = (xs[None] + (d if cfg.per_image else d[:, None])).clamp(0, 1).flatten(0, 1)
         tb = live.to(device).repeat_interleave(n)
         weight = others[live].flatten().float()
         preds, grads = [], torch.zeros_like(d)
@@ -131,6 +166,7 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         with torch.no_grad():
             hit = (torch.cat(preds).view(len(live), n) == live.to(device)[:, None]).float()
             frac[i, live] = ((hit * others[live]).sum(1) / others[live].sum(1)).cpu()
+            first[live] = torch.where((hit.cpu() > 0) & (first[live] > i), float(i), first[live])
             pair_frac[i][:, live] = (source @ hit.T).cpu()
             flat = 2 if cfg.per_image else 1
             g = grads.flatten(flat)
@@ -142,9 +178,12 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
                 nd = nd * (r / nd.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
             delta[live] = nd.view_as(d)
             active[live[frac[i, live] >= max(cfg.flip, cfg.stop)]] = False  # reached: its radius is known
+    # capped at the last radius searched: a class never reached counts its images at that radius
+    at = log_r[first.clamp(max=steps - 1).long()]
+    mean_log = [float(at[t][others[t].cpu()].mean()) if bool(others[t].any()) else math.nan for t in range(k)]
     log_r = log_r[:used]
     radius = [math.exp(_crossing(frac[:used, t], log_r, cfg.flip)) for t in range(k)]
     levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)] for q in (0.25, 0.5, 0.75, 0.9)}
     pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, cfg.flip))
              for t in range(k)] for s in range(k)]
-    return {"radius": radius, "pair_radius": pair, "deltas": delta.cpu(), "images": n, "steps": used, "levels": levels}
+    return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n, "steps": used, "levels": levels}
