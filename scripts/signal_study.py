@@ -16,8 +16,6 @@ import itertools
 import math
 from dataclasses import fields
 
-import torch
-
 from ulrl.bench import collect_scans
 from ulrl.detection import ScanConfig, stats
 from ulrl.detection.scan import decide

@@ -21,7 +21,10 @@ of a backdoor untouched. Its repair (docs/method.md, Finding 4) scales each re-i
 (random) row to the norm and bias of the other rows (``reinit="matched"``), floors the cosine
 penalty (``cos_margin``), and relearns with half of the scan's universal perturbation toward
 each flagged class added to clean images under their true labels (``trigger_unlearn``,
-``trigger_scale``), which takes the backdoor out of the features as well as the row.
+``trigger_scale``), which takes the backdoor out of the features as well as the row. It relearns
+with the original model's BatchNorm statistics (``freeze_bn``: with batch statistics, a batch of
+perturbed images is normalised back toward clean ones and the shortcut survives in eval mode) and
+distils the original model's clean-image predictions on the other classes (``distill``).
 """
 
 from __future__ import annotations
@@ -83,11 +86,11 @@ class ULRLConfig:
     hflip: bool = True
     crop_pad: int | None = None  # random-crop padding; None: image side // 8 (3 on 28x28), the reference uses 4
     amp: bool = False  # mixed precision on CUDA (the reference uses it); ignored on the CPU
+    freeze_bn: bool = False  # keep BatchNorm statistics of the original model while relearning (default preset: on)
+    distill: float = 0.0  # weight of distilling the original model's non-flagged logits (default preset: 1)
     # Options measured in docs/method.md, off in both presets
     holdout: float = 0.0  # fraction of the clean set held out to select the relearning epoch
-    freeze_bn: bool = False  # keep BatchNorm statistics of the original model while relearning
     backbone_lr_scale: float = 1.0  # relearning lr of every layer but the examined one, relative
-    distill: float = 0.0  # weight of distilling the original model's non-flagged logits
     seed: int = 0
     device: str = "cpu"
 
@@ -123,7 +126,8 @@ def paper_preset(dataset: str | None) -> dict:
 PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Finding 4
-    "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5},
+    "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5,
+                "freeze_bn": True, "distill": 1.0},
 }
 
 

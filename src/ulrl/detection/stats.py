@@ -106,29 +106,14 @@ def tail_ps(sorted_null: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (n - below + 1).double() / (n + 1)
 
 
-def _combined(logp: torch.Tensor, method: str, groups: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
-    """Per-class combination of ``log p`` (..., signals, K): Fisher ``-2 sum log p`` or Tippett ``-log min p``.
-    With ``groups``, the signals of a group are first reduced to one p-value, the Sidak-corrected
-    smallest, ``1 - (1 - min p)^m``: alternative views of one kind of evidence (any of them may
-    show it) count once, not m times, so a view that sees nothing does not dilute one that does."""
-    if groups is not None:
-        logp = torch.stack([_sidak(logp[..., list(g), :]) for g in groups], -2)
-    if method.startswith("best"):  # rank-truncated product: Fisher over the n smallest p-values
-        n = min(int(method[4:]), logp.shape[-2])
-        return -2 * logp.topk(n, dim=-2, largest=False).values.sum(-2)
+def _combined(logp: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-class combination of ``log p`` (..., signals, K): Fisher ``-2 sum log p`` or Tippett ``-log min p``."""
     return -2 * logp.sum(-2) if method == "fisher" else -logp.min(-2).values
-
-
-def _sidak(logp: torch.Tensor) -> torch.Tensor:
-    """log of ``1 - (1 - min p)^m`` over the m signals on axis -2 (exact for independent uniform p)."""
-    m = logp.shape[-2]
-    low = logp.min(-2).values
-    return low if m == 1 else torch.log(-torch.expm1(m * torch.log1p(-low.exp().clamp(max=1 - 1e-16))))
 
 
 @lru_cache(maxsize=32)
 def null_combined(k: int, dfs: tuple[float, ...], method: str = "fisher", draws: int = 40000,
-                  seed: int = 1, groups: tuple[tuple[int, ...], ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated null of the per-class combination of independent signals, signal ``i`` a set of
     K exchangeable t(``dfs[i]``) values put through :func:`loo_robust_z` and its one-class null:
     sorted statistic of one class, and sorted largest over the K classes."""
@@ -140,21 +125,19 @@ def null_combined(k: int, dfs: tuple[float, ...], method: str = "fisher", draws:
         if math.isfinite(df):
             v = v / (_chi2(draws, k, df, gen) / df).sqrt()
         logp[:, i] = tail_ps(one, loo_robust_z(v).double()).log()
-    stat = _combined(logp, method, groups)
+    stat = _combined(logp, method)
     return stat[:, 0].sort().values, stat.max(1).values.sort().values
 
 
-def combine(p: torch.Tensor, dfs: tuple[float, ...] | float = 5.0, method: str = "fisher",
-            groups: tuple[tuple[int, ...], ...] | None = None) -> dict:
+def combine(p: torch.Tensor, dfs: tuple[float, ...] | float = 5.0, method: str = "fisher") -> dict:
     """Combination of per-class p-values ``p`` (signals x K; signal i's null has ``dfs[i]``),
-    ``fisher`` or ``tippett``, optionally of ``groups`` of signals (indices; see :func:`_combined`):
-    per class the combined statistic and its p-value, and the model-level p-value of the largest
-    (simulated null of independent signals)."""
+    ``fisher`` or ``tippett``: per class the combined statistic and its p-value, and the
+    model-level p-value of the largest (simulated null of independent signals)."""
     p = torch.as_tensor(p, dtype=torch.float64)
     s, k = p.shape
     dfs = tuple(float(d) for d in dfs) if isinstance(dfs, tuple | list) else (float(dfs),) * s
-    stat = _combined(p.clamp_min(1e-300).log(), method, groups)
-    one, top = null_combined(k, dfs, method, groups=groups)
+    stat = _combined(p.clamp_min(1e-300).log(), method)
+    one, top = null_combined(k, dfs, method)
     return {"statistic": stat.tolist(), "p": tail_ps(one, stat).tolist(), "p_model": float(tail_ps(top, stat.max()[None])[0])}
 
 
