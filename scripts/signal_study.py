@@ -1,14 +1,16 @@
 """How each detection signal, and each combination of them, would have decided (docs/detection.md).
 
-    python scripts/signal_study.py RESULTS_DIR [RESULTS_DIR ...] [--alpha 0.05] [--raw-universal]
+    python scripts/signal_study.py RESULTS_DIR [RESULTS_DIR ...] [--alpha 0.05] [--raw-universal] [--warp-in-fisher]
 
 Reads the scans of a benchmark results directory (``ulrl bench`` writes one per model and clean
 set) and, from the per-class p-values each scan stored for every signal, recomputes the verdict
-for every subset of signals (Fisher combination, the all-to-all test as in the scan). Prints, per
+for every subset of signals (the scan's own decision: Fisher combination, the all-to-all and warp
+tests). Prints, per
 subset: backdoored runs whose true target was found, all-to-all runs found, and false positives on
 clean models; then the per-run z of each signal at the true target. Nothing is re-run.
 ``--raw-universal`` recomputes the universal signal's p-values from its unadjusted score (before
-the regression on the clean logit gap), to compare the two.
+the regression on the clean logit gap), to compare the two; ``--warp-in-fisher`` puts the warp
+signal into the per-class Fisher sum instead of giving it its own test.
 """
 
 import argparse
@@ -35,12 +37,14 @@ def _raw(scan: dict) -> dict:
     return {**scan, "signals": {**scan["signals"], "universal": {**u, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}}}
 
 
-def verdict(scan: dict, signals: tuple[str, ...], alpha: float) -> tuple[bool, list[int], str]:
-    """The scan's own decision (:func:`ulrl.detection.scan.decide`) with only ``signals``."""
+def verdict(scan: dict, signals: tuple[str, ...], alpha: float, warp_in_fisher: bool = False) -> tuple[bool, list[int], str]:
+    """The scan's own decision (:func:`ulrl.detection.scan.decide`) with only ``signals``
+    (``warp_in_fisher``: the warp signal joins the per-class Fisher sum instead of its own test)."""
     par = scan["parameters"]
     cfg = ScanConfig(**{f.name: par[f.name] for f in fields(ScanConfig) if f.name in par and f.name.startswith("null_df_")
                         and par[f.name] is not None}, alpha=alpha, signals=signals,
-                     all_to_all_share=par.get("all_to_all_share", 0.1), warp_share=par.get("warp_share", 0.1))
+                     all_to_all_share=par.get("all_to_all_share", 0.1), warp_share=par.get("warp_share", 0.1),
+                     verdict_signals=signals if warp_in_fisher else None)
     a2a = scan["all_to_all"] if scan.get("all_to_all") and "universal" in signals else {}
     d = decide({s: scan["signals"][s]["p"] for s in signals}, {s: scan["signals"][s]["p_model"] for s in signals}, a2a, cfg)
     return bool(d["suspected"]), d["suspected"], d["kind"]
@@ -51,6 +55,7 @@ def main() -> None:
     ap.add_argument("results", nargs="+")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--raw-universal", action="store_true", help="the universal signal without the clean-gap adjustment")
+    ap.add_argument("--warp-in-fisher", action="store_true", help="the warp signal in the per-class Fisher sum, not its own test")
     args = ap.parse_args()
     records = [r for d in args.results for r in collect_scans(d)]
     if args.raw_universal:
@@ -64,7 +69,7 @@ def main() -> None:
             found = total = a2a_found = a2a_total = extra = fp = clean = 0
             for r in records:
                 truth = _truth(r.get("attack_spec"))
-                det, sus, kind = verdict(r["scan"], subset, args.alpha)
+                det, sus, kind = verdict(r["scan"], subset, args.alpha, args.warp_in_fisher)
                 if truth is None:
                     clean += 1
                     fp += det

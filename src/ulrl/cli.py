@@ -411,6 +411,8 @@ def format_scan(result, label: str) -> str:
         lines.append(f"{c:>5}{zs}{result.p_class[c]:12.2g}{mark}")
     verdict = result.verdict.upper() if result.backdoored else result.verdict
     target = f"; suspected target(s): {result.suspected}" if result.suspected else ""
+    if result.decided_by == "warp":
+        target += f" (the warp test, p = {result.p_warp:.2g}: a warping trigger)"
     lines.append(f"\n{label}: {verdict} (p = {result.p_value:.2g}, alpha = {result.alpha}){target}; "
                  f"{result.seconds['total']:.1f} s")
     return "\n".join(lines)

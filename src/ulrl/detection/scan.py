@@ -118,6 +118,7 @@ class ScanResult:
     p_all_to_one: float  # the most suspicious class, corrected for having looked at all of them
     all_to_all: dict[str, Any]  # the test for y -> (y + k) mod K backdoors (shift, rank sums, p), from the universal search
     p_warp: float | None  # the warp signal's own test (None: not run, or combined per class)
+    decided_by: str | None  # the test behind a "backdoored" verdict: "all-to-one", "all-to-all" or "warp"
     p_value: float  # the model's: chance that a clean model shows a class (or a shift) this extreme
     verdict: str  # "backdoored" | "no evidence"
     kind: str  # "all-to-one", "all-to-all" or "none"
@@ -286,7 +287,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     return ScanResult(
         num_classes=k, clean_samples=int(len(y)), signals=evidence,
         combined=[-math.log10(max(p, 1e-300)) for p in d["p_class"]], p_class=d["p_class"],
-        p_all_to_one=d["p_all_to_one"], all_to_all=a2a, p_warp=d["p_warp"], p_value=d["p_value"],
+        p_all_to_one=d["p_all_to_one"], all_to_all=a2a, p_warp=d["p_warp"], decided_by=d["test"], p_value=d["p_value"],
         verdict="backdoored" if d["suspected"] else "no evidence", kind=d["kind"], suspected=d["suspected"], alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
         perturbations=perturbations, warps=warps,
     )
