@@ -224,11 +224,10 @@ def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int
         keep = tgt[pick].to(y.device) != y
         if not keep.any():
             return out.sum() * 0
-        xp, pk = x[keep], pick[keep.cpu()]
+        xp, pk = x[keep].clone(), pick[keep.cpu()]
         for k in pk.unique().tolist():
             if warps[k] is not None:
                 sel = (pk == k).to(x.device)
-                xp = xp.clone()
                 xp[sel] = warp(xp[sel], warps[k][None].to(x.device))[0]
         xp = (xp + deltas[pk].to(x.device)).clamp(0, 1)
         return beta * F.cross_entropy(model(xp), y[keep])

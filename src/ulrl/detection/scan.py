@@ -174,7 +174,8 @@ def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float],
                                                         transform="warp", warp_grid=cfg.warp_grid),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     # most classes are never reached by a warp of a few pixels: rank by the mean log radius over images
-    return u["radius"], [-v for v in u["mean_log_radius"]], {"warps": u["deltas"]}
+    # the statistic is a mean of log radii on the search's grid: half a step is its resolution
+    return u["radius"], [-v for v in u["mean_log_radius"]], {"warps": u["deltas"], "resolution": 0.5 * math.log(cfg.uap_growth)}
 
 
 def _margin(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
@@ -272,9 +273,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
         perturbations = extra.pop("perturbations", perturbations)
         warps = extra.pop("warps", warps)
-        # the warp statistic is a mean of log radii on the search's grid: half a step is its resolution
-        floor = 0.5 * math.log(cfg.uap_growth) if name == "warp" else 0.0
-        test = stats.outlier_test(score, _df(cfg, name), floor)
+        test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0))
         seconds[name] = time.perf_counter() - t0
         evidence[name] = Evidence(statistic, score, test["z"], test["p"], test["p_model"], seconds[name], extra)
     a2a: dict[str, Any] = {}
