@@ -210,3 +210,29 @@ def test_ulrl_default_repairs_the_suspected_class_and_leaves_a_clean_model_alone
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["clean"].state_dict().values(), strict=True))
     _, forced = ulrl.purify(models["clean"], (x, y), force_repair=True, relearn_epochs=1, progress=False)
     assert len(forced.flagged) == 1 and forced.relearn_history
+
+
+def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch):
+    """A relearning that ruins the model (NaN weights, as frozen BatchNorm statistics did on PreAct-ResNet18) is caught
+    on the clean set alone: relearn again with batch statistics; if every try diverges, the original comes back."""
+    import ulrl.defenses.ulrl as method
+    models, x, y = planted
+    real, calls = method.relearn, []
+
+    def first_diverges(model, *args, **kw):
+        calls.append(args[13])  # freeze_bn of this try
+        real(model, *args, **kw)
+        if len(calls) == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+
+    monkeypatch.setattr(method, "relearn", first_diverges)
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, progress=False)
+    assert calls == [True, False] and [a["freeze_bn"] for a in report.extra["relearn_attempts"]] == [True, False]
+    assert any("diverged" in n for n in report.notes) and "repair_failed" not in report.extra
+    assert all(torch.isfinite(p).all() for p in repaired.parameters())
+    monkeypatch.setattr(method, "relearn", real)
+    same, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_lr=1e9, progress=False)
+    assert len(report.extra["relearn_attempts"]) == 3 and report.extra["repair_failed"]
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["backdoored"].state_dict().values(), strict=True))

@@ -79,6 +79,11 @@ class ULRLConfig:
     # and bias; "prototype": the flagged class's mean clean feature at that scale (docs/method.md)
     trigger_unlearn: float = 0.0  # detect=scan: weight of the loss on clean images + the scan's perturbation, true labels
     trigger_scale: float = 1.0  # that perturbation's size, relative to the one the scan found (90% of images flipped)
+    # A guard against a relearning that diverges (PreAct-ResNet18 with frozen BatchNorm statistics): when the relearned
+    # model loses more than this (a fraction) of the original's accuracy on the clean images of the classes not
+    # flagged, relearn with batch
+    # statistics, then at a quarter of the lr; if every try diverges, the original comes back. None: no guard (paper)
+    relearn_guard: float | None = None
     # Shared optimiser settings
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -128,7 +133,7 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Finding 4
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002},
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1},
 }
 
 
@@ -302,6 +307,51 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
     return flagged, result
 
 
+def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor, y: torch.Tensor, x_held: torch.Tensor,
+            y_held: torch.Tensor, flagged: list[int], w_original: torch.Tensor, result: ScanResult | None,
+            teacher: nn.Module | None, gen: torch.Generator, cfg: ULRLConfig, lr: float, freeze_bn: bool,
+            report: DefenseReport, monitor: Monitor | None, progress: bool) -> None:
+    """Steps 2 and 3 on ``model`` (the original weights): re-initialise the flagged rows, then fine-tune
+    on the clean set with the cosine penalty (and, in the default preset, trigger unlearning and
+    distillation) at ``lr``, with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
+    held-out epoch when ``cfg.holdout`` sets a slice aside; stops at the first epoch whose loss is not finite."""
+    protos = class_prototypes(model, layer, x, y, flagged, cfg.device) if cfg.reinit == "prototype" else None
+    reinitialise(layer, flagged, gen, cfg.reinit, protos)
+    penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
+    if teacher is not None:
+        penalties.append(with_distillation(teacher, flagged, cfg.distill))
+    if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
+        deltas = result.perturbations[flagged] * cfg.trigger_scale
+        warps = None
+        if result.warps is not None:  # the warps that reached a flagged class are shortcuts too
+            reached = result.signals["warp"].statistic
+            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in flagged]
+        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, warps))
+    best = {"acc": -1.0, "epoch": 0, "state": None}
+
+    def track(epoch: int, record: dict) -> bool:
+        if len(y_held):  # model selection on the held-out slice of the clean set
+            record["heldout_acc"] = accuracy(model, x_held, y_held, cfg.device)
+            if record["heldout_acc"] >= best["acc"]:  # ties go to the later (longer relearned) epoch
+                best.update(acc=record["heldout_acc"], epoch=epoch, state=copy.deepcopy(model.state_dict()))
+        if monitor is not None:
+            record.update(monitor(model))
+        return not math.isfinite(record["loss"])  # diverged: no later epoch comes back from NaN weights
+
+    prefix = layer_name + "."
+    wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
+    train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
+                        extra_bn_pass=cfg.relearn_extra_bn_pass, momentum=cfg.momentum, batch_size=cfg.batch_size,
+                        augment=cfg.augment, hflip=cfg.hflip, crop_pad=cfg.crop_pad, amp=cfg.amp, seed=cfg.seed,
+                        device=cfg.device)
+    hist = fit(model, x, y, train, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn", progress=progress,
+               lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
+    report.relearn_history = hist.epochs
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        report.selected_epoch = best["epoch"]
+
+
 # --- the method --------------------------------------------------------------------------------
 @register_defense("ulrl", ULRLConfig, PRESETS)
 def purify(
@@ -354,42 +404,38 @@ def purify(
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
-    protos = class_prototypes(model, layer, x_train, y_train, flagged, cfg.device) if cfg.reinit == "prototype" else None
-    reinitialise(layer, flagged, gen, cfg.reinit, protos)
-    penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
-    if teacher is not None:
-        penalties.append(with_distillation(teacher, flagged, cfg.distill))
-    if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
-        deltas = result.perturbations[flagged] * cfg.trigger_scale
-        warps = None
-        if result.warps is not None:  # the warps that reached a flagged class are shortcuts too
-            reached = result.signals["warp"].statistic
-            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in flagged]
-        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, warps))
-    best = {"acc": -1.0, "epoch": 0, "state": None}
-
-    def track(epoch: int, record: dict) -> None:
-        if len(y_held):  # model selection on the held-out slice of the clean set
-            record["heldout_acc"] = accuracy(model, x_held, y_held, cfg.device)
-            if record["heldout_acc"] >= best["acc"]:  # ties go to the later (longer relearned) epoch
-                best.update(acc=record["heldout_acc"], epoch=epoch, state=copy.deepcopy(model.state_dict()))
-        if monitor is not None:
-            record.update(monitor(model))
-
-    prefix = layer_name + "."
-    wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
-    relearn = TrainConfig(epochs=cfg.relearn_epochs, lr=cfg.relearn_lr, schedule="cosine", freeze_bn=cfg.freeze_bn,
-                          weight_decay=wd, extra_bn_pass=cfg.relearn_extra_bn_pass, **shared)
-    hist = fit(model, x_train, y_train, relearn, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn",
-               progress=progress, lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
-    report.relearn_history = hist.epochs
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-        report.selected_epoch = best["epoch"]
+    # the guard's reference: the original's accuracy on the clean images of the classes not flagged (a flagged row
+    # starts from scratch and may legitimately lag; a diverged relearning loses every class)
+    kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype)) if flagged else torch.ones_like(y_train, dtype=torch.bool)
+    kept = kept if kept.any() else torch.ones_like(kept)
+    start_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
+    # the configured relearning; if it diverges, batch statistics (stable on deep networks), then a quarter of the lr
+    tries = [(cfg.relearn_lr, cfg.freeze_bn)]
+    if cfg.relearn_guard is not None:
+        tries += ([(cfg.relearn_lr, False)] if cfg.freeze_bn else []) + [(cfg.relearn_lr / 4, False)]
+    for n, (lr, freeze_bn) in enumerate(tries, 1):
+        model.load_state_dict(original_state)
+        relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, w_original, result, teacher, gen,
+                cfg, lr, freeze_bn, report, monitor, progress)
+        end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
+        report.extra.setdefault("relearn_attempts", []).append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_before": start_acc,
+                                                                "clean_set_acc_after": end_acc})
+        if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
+            break
+        report.notes.append(f"relearning (lr {lr:g}, {'frozen' if freeze_bn else 'batch'} BatchNorm statistics) fell to "
+                            f"{100 * end_acc:.1f}% on the clean images of the classes not flagged, against the original's "
+                            f"{100 * start_acc:.1f}%: it "
+                            "diverged" + ("; relearning again" + (" with batch statistics" if tries[n][1] != freeze_bn
+                                                                 else f" at lr {tries[n][0]:g}") if n < len(tries) else ""))
+    else:  # every attempt diverged: a destroyed model is worse than none, hand the original back
+        model.load_state_dict(original_state)
+        report.extra["repair_failed"] = True
+        report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
+                            "unchanged; try a lower relearn_lr")
     report.seconds["relearn"] = time.perf_counter() - t0
     report.seconds["total"] = report.seconds["unlearn"] + report.seconds["relearn"]
     return model.eval(), report
 
 
 __all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
-           "reinitialise", "scan_config", "trigger_unlearning"]
+           "reinitialise", "relearn", "scan_config", "trigger_unlearning"]
