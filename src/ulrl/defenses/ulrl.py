@@ -352,6 +352,15 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
         report.selected_epoch = best["epoch"]
 
 
+def relearning_tries(cfg: ULRLConfig) -> list[tuple[float, bool]]:
+    """(lr, freeze_bn) of each relearning try: the configured one; with the guard, then batch statistics (stable on
+    deep networks, where frozen statistics can diverge: docs/method.md, Finding 6), then a quarter of the lr."""
+    tries = [(cfg.relearn_lr, cfg.freeze_bn)]
+    if cfg.relearn_guard is not None:
+        tries += ([(cfg.relearn_lr, False)] if cfg.freeze_bn else []) + [(cfg.relearn_lr / 4, False)]
+    return tries
+
+
 # --- the method --------------------------------------------------------------------------------
 @register_defense("ulrl", ULRLConfig, PRESETS)
 def purify(
@@ -404,30 +413,27 @@ def purify(
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
-    # the guard's reference: the original's accuracy on the clean images of the classes not flagged (a flagged row
-    # starts from scratch and may legitimately lag; a diverged relearning loses every class)
-    kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype)) if flagged else torch.ones_like(y_train, dtype=torch.bool)
+    # The guard (default preset) judges each try on the clean set alone: the accuracy on the clean images of the
+    # classes not flagged (a re-initialised row may legitimately lag; a diverged network loses every class).
+    kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype))
     kept = kept if kept.any() else torch.ones_like(kept)
     start_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
-    # the configured relearning; if it diverges, batch statistics (stable on deep networks), then a quarter of the lr
-    tries = [(cfg.relearn_lr, cfg.freeze_bn)]
-    if cfg.relearn_guard is not None:
-        tries += ([(cfg.relearn_lr, False)] if cfg.freeze_bn else []) + [(cfg.relearn_lr / 4, False)]
+    tries = relearning_tries(cfg)
     for n, (lr, freeze_bn) in enumerate(tries, 1):
         model.load_state_dict(original_state)
         relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, w_original, result, teacher, gen,
                 cfg, lr, freeze_bn, report, monitor, progress)
         end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
-        report.extra.setdefault("relearn_attempts", []).append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_before": start_acc,
-                                                                "clean_set_acc_after": end_acc})
+        report.extra.setdefault("relearn_attempts", []).append(
+            {"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_before": start_acc, "clean_set_acc_after": end_acc})
         if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
             break
-        report.notes.append(f"relearning (lr {lr:g}, {'frozen' if freeze_bn else 'batch'} BatchNorm statistics) fell to "
-                            f"{100 * end_acc:.1f}% on the clean images of the classes not flagged, against the original's "
-                            f"{100 * start_acc:.1f}%: it "
-                            "diverged" + ("; relearning again" + (" with batch statistics" if tries[n][1] != freeze_bn
-                                                                 else f" at lr {tries[n][0]:g}") if n < len(tries) else ""))
-    else:  # every attempt diverged: a destroyed model is worse than none, hand the original back
+        stats = "frozen" if freeze_bn else "batch"
+        again = f"; relearning again at lr {tries[n][0]:g} with {'frozen' if tries[n][1] else 'batch'} statistics" \
+            if n < len(tries) else ""
+        report.notes.append(f"relearning at lr {lr:g} with {stats} BatchNorm statistics diverged: {100 * end_acc:.1f}% on "
+                            f"the clean images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
+    else:  # every try diverged: a destroyed model is worse than none, hand the original back
         model.load_state_dict(original_state)
         report.extra["repair_failed"] = True
         report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
@@ -438,4 +444,4 @@ def purify(
 
 
 __all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
-           "reinitialise", "relearn", "scan_config", "trigger_unlearning"]
+           "reinitialise", "relearn", "relearning_tries", "scan_config", "trigger_unlearning"]
