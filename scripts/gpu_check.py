@@ -35,6 +35,11 @@ def emit(**row):
     print(json.dumps(row), flush=True)
 
 
+def rounded(metrics: dict) -> dict:
+    """The float metrics (ACC, ASR, RA) to four digits."""
+    return {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+
+
 def tic() -> float:
     """Wait for the GPU's queued work, then read the clock."""
     sync()
@@ -57,7 +62,7 @@ def end_to_end(data_dir: str, dev: str) -> None:
                                                                        hflip=data.hflip, seed=0, device=dev), progress=False)
         train_s = tic() - t0
         before = evaluate(model, data.test_x, data.test_y, attack, dev)
-        emit(part="train", attack=spec, seconds=round(train_s, 1), **{k: round(v, 4) for k, v in before.items() if isinstance(v, float)})
+        emit(part="train", attack=spec, seconds=round(train_s, 1), **rounded(before))
         t0 = tic()
         res = ulrl.scan(model, clean, progress=False, device=dev, hflip=data.hflip, **QUICK)
         sync()
@@ -70,7 +75,7 @@ def end_to_end(data_dir: str, dev: str) -> None:
             secs = tic() - t0
             after = evaluate(repaired, data.test_x, data.test_y, attack, dev)
             emit(part="purify", attack=spec, preset=preset, seconds=round(secs, 1), flagged=report.flagged,
-                 **{k: round(v, 4) for k, v in after.items() if isinstance(v, float)})
+                 **rounded(after))
 
 
 def speed(dev: str) -> None:
@@ -119,7 +124,7 @@ def other_archs(data_dir: str, dev: str, only: str = "") -> None:
             sync()
             m = evaluate(model, data.test_x, data.test_y, attack, dev)
             emit(part="arch-train", arch=arch, attack=spec, seed=seed, seconds=round(time.perf_counter() - t0, 1),
-                 **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
+                 **rounded(m))
             for cs in (0, 1, 2):
                 idx = select_clean(data, 0.01, None, cs)
                 clean = (data.train_x[idx], data.train_y[idx])
@@ -136,7 +141,8 @@ def other_archs(data_dir: str, dev: str, only: str = "") -> None:
                     sync()
                     after = evaluate(repaired, data.test_x, data.test_y, attack, dev)
                     emit(part="arch-purify", arch=arch, attack=spec, seed=seed, seconds=round(time.perf_counter() - t0, 1),
-                         flagged=report.flagged, attempts=report.extra.get("relearn_attempts"), **{k: round(v, 4) for k, v in after.items() if isinstance(v, float)})
+                         flagged=report.flagged, attempts=report.extra.get("relearn_attempts"),
+                         reference=report.extra.get("clean_set_acc_before"), **rounded(after))
         except Exception as e:  # keep going: one failure should not cost the rest of the lease
             emit(part="error", arch=arch, attack=spec, error=repr(e)[:300])
 

@@ -23,5 +23,6 @@ for key in args.attacks:
     model, _, _ = load_checkpoint(ckpt)
     idx = select_clean(data, 0.01, None, args.clean_seed)
     _, report = ulrl.purify(model, (data.train_x[idx], data.train_y[idx]), progress=False, dataset="fashion-mnist")
-    print(json.dumps({"model": key, "flagged": report.flagged, "attempts": report.extra.get("relearn_attempts"),
+    print(json.dumps({"model": key, "flagged": report.flagged, "clean_set_acc_before": report.extra.get("clean_set_acc_before"),
+                      "attempts": report.extra.get("relearn_attempts"),
                       "notes": report.notes}), flush=True)

@@ -13,9 +13,7 @@ summary: targets found, all-to-all found, clean classes suspected, false positiv
 
 import argparse
 import json
-import math
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -23,8 +21,8 @@ import torch
 from ulrl.bench import collect_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
-from ulrl.detection import ScanConfig, scan
-from ulrl.detection.scan import decide
+from ulrl.detection import scan
+from ulrl.detection.scan import config_from_parameters, decide
 from ulrl.pipeline import select_clean
 
 
@@ -33,15 +31,6 @@ def _value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _config(par: dict, signals: tuple[str, ...], overrides: dict) -> ScanConfig:
-    kw = {f.name: par[f.name] for f in fields(ScanConfig) if f.name in par and par[f.name] is not None}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    kw.update(signals=signals, verdict_signals=None)
-    for name in ("null_df_universal", "null_df_warp", "null_df_margin", "null_df_weight_change"):
-        kw.setdefault(name, math.inf)
-    return ScanConfig(**{**kw, **overrides})
 
 
 def main() -> None:
@@ -63,7 +52,7 @@ def main() -> None:
         old = rec["scan"]
         model, _, _ = load_checkpoint(root / "models" / rec["dataset"] / rec["model"] / rec["attack_key"] / f"seed{rec['seed']}.safetensors")
         idx = select_clean(data, rec["clean_ratio"], None, rec["clean_seed"])
-        cfg = _config(old["parameters"], signals, overrides)
+        cfg = config_from_parameters(old["parameters"], signals=signals, verdict_signals=None, **overrides)
         t0 = time.perf_counter()
         new = scan(model, data.train_x[idx], data.train_y[idx], cfg, progress=False)
         secs = time.perf_counter() - t0
@@ -72,7 +61,7 @@ def main() -> None:
         for s in signals:
             p[s], pm[s] = new.signals[s].p, new.signals[s].p_model
         a2a = new.all_to_all if "universal" in signals else old.get("all_to_all") or {}
-        full = _config(old["parameters"], tuple(p), {})
+        full = config_from_parameters(old["parameters"], signals=tuple(p), verdict_signals=None)
         d = decide(p, pm, a2a, full)
         spec = rec.get("attack_spec") or {}
         truth = None if not spec else ("all" if spec.get("mode") == "all2all" else int(spec["target"]))

@@ -16,11 +16,10 @@ signal into the per-class Fisher sum instead of giving it its own test.
 import argparse
 import itertools
 import math
-from dataclasses import fields
 
 from ulrl.bench import collect_scans
-from ulrl.detection import ScanConfig, stats
-from ulrl.detection.scan import decide
+from ulrl.detection import stats
+from ulrl.detection.scan import config_from_parameters, decide
 
 
 def _truth(spec):
@@ -40,11 +39,8 @@ def _raw(scan: dict) -> dict:
 def verdict(scan: dict, signals: tuple[str, ...], alpha: float, warp_in_fisher: bool = False) -> tuple[bool, list[int], str]:
     """The scan's own decision (:func:`ulrl.detection.scan.decide`) with only ``signals``
     (``warp_in_fisher``: the warp signal joins the per-class Fisher sum instead of its own test)."""
-    par = scan["parameters"]
-    cfg = ScanConfig(**{f.name: par[f.name] for f in fields(ScanConfig) if f.name in par and f.name.startswith("null_df_")
-                        and par[f.name] is not None}, alpha=alpha, signals=signals,
-                     all_to_all_share=par.get("all_to_all_share", 0.1), warp_share=par.get("warp_share", 0.1),
-                     verdict_signals=signals if warp_in_fisher else None)
+    cfg = config_from_parameters(scan["parameters"], alpha=alpha, signals=signals,
+                                 verdict_signals=signals if warp_in_fisher else None)
     a2a = scan["all_to_all"] if scan.get("all_to_all") and "universal" in signals else {}
     d = decide({s: scan["signals"][s]["p"] for s in signals}, {s: scan["signals"][s]["p_model"] for s in signals}, a2a, cfg)
     return bool(d["suspected"]), d["suspected"], d["kind"]

@@ -236,3 +236,14 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
     same, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_lr=1e9, progress=False)
     assert len(report.extra["relearn_attempts"]) == 3 and report.extra["repair_failed"]
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["backdoored"].state_dict().values(), strict=True))
+
+
+def test_config_round_trips_through_scan_json_parameters():
+    from dataclasses import asdict
+
+    from ulrl.detection.scan import _finite, config_from_parameters
+    cfg = ScanConfig(signals=("universal", "warp"), alpha=0.01, unlearn_milestones=(5, 9))
+    stored = json.loads(json.dumps(_finite(asdict(cfg))))  # as scan.json holds it: lists, and null for inf
+    assert stored["null_df_universal"] is None and isinstance(stored["signals"], list)
+    assert config_from_parameters(stored) == cfg
+    assert config_from_parameters({**stored, "unknown": 1}, alpha=0.2).alpha == 0.2

@@ -81,8 +81,8 @@ class ULRLConfig:
     trigger_scale: float = 1.0  # that perturbation's size, relative to the one the scan found (90% of images flipped)
     # A guard against a relearning that diverges (PreAct-ResNet18 with frozen BatchNorm statistics): when the relearned
     # model loses more than this (a fraction) of the original's accuracy on the clean images of the classes not
-    # flagged, relearn with batch
-    # statistics, then at a quarter of the lr; if every try diverges, the original comes back. None: no guard (paper)
+    # flagged, relearn with batch statistics, then at a quarter of the lr; if every try diverges, the original comes
+    # back. None: no guard (paper)
     relearn_guard: float | None = None
     # Shared optimiser settings
     momentum: float = 0.9
@@ -341,15 +341,19 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
     prefix = layer_name + "."
     wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
     train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
-                        extra_bn_pass=cfg.relearn_extra_bn_pass, momentum=cfg.momentum, batch_size=cfg.batch_size,
-                        augment=cfg.augment, hflip=cfg.hflip, crop_pad=cfg.crop_pad, amp=cfg.amp, seed=cfg.seed,
-                        device=cfg.device)
+                        extra_bn_pass=cfg.relearn_extra_bn_pass, **shared_training(cfg))
     hist = fit(model, x, y, train, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn", progress=progress,
                lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
     report.relearn_history = hist.epochs
     if best["state"] is not None:
         model.load_state_dict(best["state"])
         report.selected_epoch = best["epoch"]
+
+
+def shared_training(cfg: ULRLConfig) -> dict:
+    """The :class:`TrainConfig` settings the unlearning and the relearning share."""
+    return dict(momentum=cfg.momentum, batch_size=cfg.batch_size, augment=cfg.augment, hflip=cfg.hflip,
+                crop_pad=cfg.crop_pad, amp=cfg.amp, seed=cfg.seed, device=cfg.device)
 
 
 def relearning_tries(cfg: ULRLConfig) -> list[tuple[float, bool]]:
@@ -359,6 +363,10 @@ def relearning_tries(cfg: ULRLConfig) -> list[tuple[float, bool]]:
     if cfg.relearn_guard is not None:
         tries += ([(cfg.relearn_lr, False)] if cfg.freeze_bn else []) + [(cfg.relearn_lr / 4, False)]
     return tries
+
+
+def _stats(frozen: bool) -> str:
+    return "frozen BatchNorm statistics" if frozen else "batch statistics"
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -382,8 +390,6 @@ def purify(
     layer_name, layer = find_classifier(model, cfg.layer)
     report = DefenseReport(defense="ulrl", config=asdict(cfg), layer=layer_name)
     gen = torch.Generator().manual_seed(cfg.seed)
-    shared = dict(momentum=cfg.momentum, batch_size=cfg.batch_size, augment=cfg.augment, hflip=cfg.hflip,
-                  crop_pad=cfg.crop_pad, amp=cfg.amp, seed=cfg.seed, device=cfg.device)
     train_pos, held_pos = split_holdout(y, cfg.holdout, cfg.seed)
     x_train, y_train, x_held, y_held = x[train_pos], y[train_pos], x[held_pos], y[held_pos]
     original_state = copy.deepcopy(model.state_dict())
@@ -397,7 +403,7 @@ def purify(
     else:
         unlearning = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, schedule="step",
                                  milestones=cfg.unlearn_milestones, grad_clip=cfg.grad_clip,
-                                 weight_decay=cfg.weight_decay, **shared)
+                                 weight_decay=cfg.weight_decay, **shared_training(cfg))
         flagged = find_by_unlearning(model, layer, x_train, y_train, cfg, unlearning, report, monitor, progress)
     report.flagged = flagged
     report.seconds["unlearn"] = time.perf_counter() - t0
@@ -418,21 +424,19 @@ def purify(
     kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype))
     kept = kept if kept.any() else torch.ones_like(kept)
     start_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
+    report.extra.update(clean_set_acc_before=start_acc, relearn_attempts=[])
     tries = relearning_tries(cfg)
     for n, (lr, freeze_bn) in enumerate(tries, 1):
         model.load_state_dict(original_state)
         relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, w_original, result, teacher, gen,
                 cfg, lr, freeze_bn, report, monitor, progress)
         end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
-        report.extra.setdefault("relearn_attempts", []).append(
-            {"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_before": start_acc, "clean_set_acc_after": end_acc})
+        report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_after": end_acc})
         if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
             break
-        stats = "frozen" if freeze_bn else "batch"
-        again = f"; relearning again at lr {tries[n][0]:g} with {'frozen' if tries[n][1] else 'batch'} statistics" \
-            if n < len(tries) else ""
-        report.notes.append(f"relearning at lr {lr:g} with {stats} BatchNorm statistics diverged: {100 * end_acc:.1f}% on "
-                            f"the clean images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
+        again = f"; relearning again at lr {tries[n][0]:g} with {_stats(tries[n][1])}" if n < len(tries) else ""
+        report.notes.append(f"relearning at lr {lr:g} with {_stats(freeze_bn)} diverged: {100 * end_acc:.1f}% on the clean "
+                            f"images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
     else:  # every try diverged: a destroyed model is worse than none, hand the original back
         model.load_state_dict(original_state)
         report.extra["repair_failed"] = True

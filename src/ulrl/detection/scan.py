@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -93,6 +93,17 @@ class ScanConfig:
                 and self.all_to_all_share + self.warp_share < 1.0):
             raise UserError(f"all_to_all_share and warp_share must be >= 0 and sum to less than 1, "
                             f"got {self.all_to_all_share} and {self.warp_share}")
+
+
+def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> ScanConfig:
+    """The :class:`ScanConfig` that a scan.json's ``parameters`` record (JSON lists back to tuples, a
+    null tail back to the normal null it stood for), with ``overrides``; unknown keys are ignored."""
+    kw = {}
+    for f in fields(ScanConfig):
+        if f.name in parameters:
+            v = parameters[f.name]
+            kw[f.name] = math.inf if v is None and f.name.startswith("null_df_") else tuple(v) if isinstance(v, list) else v
+    return ScanConfig(**{**kw, **overrides})
 
 
 @dataclass
