@@ -1,6 +1,7 @@
 """How each detection signal, and each combination of them, would have decided (docs/detection.md).
 
     python scripts/signal_study.py RESULTS_DIR [RESULTS_DIR ...] [--alpha 0.05] [--raw-universal] [--warp-in-fisher]
+                                   [--z-scale trimmed|mad [--set null_df_weight_change=2 ...]]
 
 Reads the scans of a benchmark results directory (``ulrl bench`` writes one per model and clean
 set) and, from the per-class p-values each scan stored for every signal, recomputes the verdict
@@ -10,7 +11,9 @@ subset: backdoored runs whose true target was found, all-to-all runs found, and 
 clean models; then the per-run z of each signal at the true target. Nothing is re-run.
 ``--raw-universal`` recomputes the universal signal's p-values from its unadjusted score (before
 the regression on the clean logit gap), to compare the two; ``--warp-in-fisher`` puts the warp
-signal into the per-class Fisher sum instead of giving it its own test.
+signal into the per-class Fisher sum instead of giving it its own test; ``--z-scale`` recomputes every
+signal's z and p from its stored score with that yardstick (the scans store the scale they used), and
+``--set`` changes a parameter of that recomputation (a null's tail).
 """
 
 import argparse
@@ -32,8 +35,22 @@ def _raw(scan: dict) -> dict:
     """The scan with the universal signal's p-values recomputed from its raw (unadjusted) score."""
     u = scan["signals"]["universal"]
     raw = [-math.inf if v is None else v for v in u["extra"]["raw_score"]]
-    test = stats.outlier_test(raw, float(scan["parameters"]["null_df_universal"] or math.inf))
+    test = stats.outlier_test(raw, float(scan["parameters"]["null_df_universal"] or math.inf),
+                              scale=config_from_parameters(scan["parameters"]).z_scale)
     return {**scan, "signals": {**scan["signals"], "universal": {**u, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}}}
+
+
+def _rescaled(scan: dict, scale: str, overrides: dict) -> dict:
+    """The scan with every signal's z and p recomputed from its stored score with the yardstick ``scale``
+    (and the parameters ``overrides``)."""
+    cfg = config_from_parameters(scan["parameters"], z_scale=scale, **overrides)
+    signals = {}
+    for name, ev in scan["signals"].items():
+        floor = 0.5 * math.log(cfg.uap_growth) if name == "warp" else 0.0  # the warp statistic's resolution
+        score = [-math.inf if v is None else v for v in ev["score"]]
+        test = stats.outlier_test(score, getattr(cfg, "null_df_" + name.replace("-", "_")), floor, scale)
+        signals[name] = {**ev, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}
+    return {**scan, "signals": signals, "parameters": {**scan["parameters"], "z_scale": scale, **overrides}}
 
 
 def verdict(scan: dict, signals: tuple[str, ...], alpha: float, warp_in_fisher: bool = False) -> tuple[bool, list[int], str]:
@@ -52,8 +69,13 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--raw-universal", action="store_true", help="the universal signal without the clean-gap adjustment")
     ap.add_argument("--warp-in-fisher", action="store_true", help="the warp signal in the per-class Fisher sum, not its own test")
+    ap.add_argument("--z-scale", choices=stats.SCALES, help="recompute every signal's z and p with this yardstick")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --z-scale: e.g. null_df_weight_change=2")
     args = ap.parse_args()
     records = [r for d in args.results for r in collect_scans(d)]
+    if args.z_scale:
+        overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
+        records = [{**r, "scan": _rescaled(r["scan"], args.z_scale, overrides)} for r in records]
     if args.raw_universal:
         records = [{**r, "scan": _raw(r["scan"])} for r in records]
     names = sorted(records[0]["scan"]["signals"])

@@ -66,8 +66,9 @@ def test_scan_leaves_the_model_alone_and_checks_the_clean_set(planted):
         ScanConfig(signals=("universal", "tea-leaves"))
 
 
+@pytest.mark.parametrize("scale", ["trimmed", "mad"])
 @pytest.mark.parametrize("df", [5.0, math.inf])
-def test_verdict_false_positive_rate_holds_on_random_scores(df):
+def test_verdict_false_positive_rate_holds_on_random_scores(df, scale):
     """Scores drawn i.i.d. from the null family: the model-level p-value is uniform, so the
     verdict fires at rate alpha (one signal and the Fisher combination of two)."""
     gen = torch.Generator().manual_seed(123)
@@ -76,9 +77,9 @@ def test_verdict_false_positive_rate_holds_on_random_scores(df):
         draws = torch.randn(2, 10, generator=gen, dtype=torch.float64)
         if math.isfinite(df):
             draws = draws / (torch.randn(2, 10, int(df), generator=gen, dtype=torch.float64).pow(2).mean(-1)).sqrt()
-        tests = [stats.outlier_test(v, df) for v in draws]
+        tests = [stats.outlier_test(v, df, scale=scale) for v in draws]
         fired_one += tests[0]["p_model"] <= alpha
-        fired_two += stats.combine(torch.tensor([t["p"] for t in tests]), df)["p_model"] <= alpha
+        fired_two += stats.combine(torch.tensor([t["p"] for t in tests]), df, scale=scale)["p_model"] <= alpha
     se = math.sqrt(alpha * (1 - alpha) / n)
     for fired in (fired_one, fired_two):
         assert abs(fired / n - alpha) < 4 * se, fired / n
@@ -90,6 +91,10 @@ def test_outlier_test_orders_and_handles_unreached_classes():
     assert max(range(10), key=lambda c: r["z"][c]) == 7 and r["p_model"] < 0.01
     r = stats.outlier_test([-math.inf, 0.0, 0.1, -0.1, 0.05])  # a class never reached is the most benign
     assert min(range(5), key=lambda c: r["z"][c]) == 0 and r["p"][0] > 0.5
+    two = [0.0, 0.1, -0.1, 0.05, -0.05, 0.02, -0.02, 3.0, 2.5, -0.03]  # two targets do not hide each other
+    for scale in stats.SCALES:
+        z = stats.outlier_test(two, scale=scale)["z"]
+        assert sorted(range(10), key=lambda c: -z[c])[:2] == [7, 8] and min(z[7], z[8]) > 10, (scale, z)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +188,43 @@ def test_warp_signal_finds_a_planted_warp_trigger():
     assert ev.statistic[5] < 2.0 and result.warps.shape == (K, 2, 8, 8)  # reached by a warp of under 2 pixels
 
 
+class _AllToAllTarget(torch.nn.Module):
+    """Class c is a bright block in rows 2c..2c+1 (columns 0-3); a bright 4 x 4 corner patch sends an image of class c
+    to class c + 1: BadNets all-to-all. No one perturbation sends every class to one target, one per class does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(K, K)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(K))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        rows = x[..., :4].mean(-1).flatten(1)
+        blocks = (rows[:, 0::2] + rows[:, 1::2]) / 2  # (N, K)
+        patch = torch.nn.functional.softplus(20 * (x[..., 12:, 12:].mean((1, 2, 3)) - 0.3)) / 20
+        return self.fc(10 * blocks + 200 * patch[:, None] * blocks.roll(1, dims=1))
+
+
+def test_pairwise_search_finds_an_all_to_all_patch():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(160) % K
+    x = torch.rand(160, 1, 16, 16, generator=gen) * 0.3
+    for c in range(K):
+        x[y == c, :, 2 * c: 2 * c + 2, :4] = 1.0
+    model = _AllToAllTarget()
+    assert (model(x).argmax(1) == y).all()
+    patched = x.clone()
+    patched[..., 12:, 12:] = 1.0
+    assert (model(patched).argmax(1) == (y + 1) % K).all()  # the backdoor works
+    result = scan(model, x, y, ScanConfig(signals=("universal",), uap_per_class=4), progress=False)
+    assert result.kind == "all-to-all" and result.all_to_all["shift"] == 1 and result.all_to_all["p"] < 1e-3
+    assert result.suspected == [(c + 1) % K for c in range(K)] and result.pair_perturbations.shape == (K, K, 1, 16, 16)
+    assert "all-to-all" in result.seconds
+    old = scan(model, x, y, ScanConfig(signals=("universal",), uap_per_class=4, a2a_search="universal"), progress=False)
+    assert old.all_to_all["p"] > result.all_to_all["p"] and old.pair_perturbations is None
+
+
 def test_all_to_all_rank_test():
     gen = torch.Generator().manual_seed(0)
     k = 10
@@ -220,7 +262,7 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
     real, calls = method.relearn, []
 
     def first_diverges(model, *args, **kw):
-        calls.append(args[13])  # freeze_bn of this try
+        calls.append(args[14])  # freeze_bn of this try
         real(model, *args, **kw)
         if len(calls) == 1:
             with torch.no_grad():
@@ -236,6 +278,32 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
     same, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_lr=1e9, progress=False)
     assert len(report.extra["relearn_attempts"]) == 3 and report.extra["repair_failed"]
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["backdoored"].state_dict().values(), strict=True))
+
+
+def test_ulrl_repairs_an_all_to_all_verdict_in_the_features(planted, monkeypatch):
+    """Every class is a target: the default re-initialises no row (a cap of 2 leaves most of the backdoor, every row
+    costs the classifier) and unlearns the scan's perturbation toward every class; ``rows`` keeps the capped rows."""
+    import torch.nn.functional as F
+
+    import ulrl.defenses.ulrl as method
+    models, x, y = planted
+    real = method.scan
+
+    def all_to_all(*args, **kw):
+        r = real(*args, **kw)
+        r.kind, r.suspected = "all-to-all", list(range(K))
+        return r
+
+    monkeypatch.setattr(method, "scan", all_to_all)
+    from ulrl.models import find_classifier
+    original = find_classifier(models["backdoored"])[1].weight.detach().clone()
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, progress=False)
+    assert report.flagged == [] and report.extra["unlearned_targets"] == list(range(K)) and report.relearn_history
+    assert F.cosine_similarity(find_classifier(repaired)[1].weight.detach(), original, dim=1).min() > 0.5  # no row re-initialised
+    assert any("all-to-all" in n for n in report.notes)
+    _, rows = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=1, all_to_all_repair="rows", progress=False)
+    assert rows.flagged == [0, 1]
+    assert "unlearned_targets" not in rows.extra
 
 
 def test_config_round_trips_through_scan_json_parameters():

@@ -25,7 +25,10 @@ each flagged class added to clean images under their true labels (``trigger_unle
 with the original model's BatchNorm statistics (``freeze_bn``: with batch statistics, a batch of
 perturbed images is normalised back toward clean ones and the shortcut survives in eval mode), at
 a lower learning rate (0.002: without batch normalisation the paper's 0.005 overshoots), and
-distils the original model's clean-image predictions on the other classes (``distill``).
+distils the original model's clean-image predictions on the other classes (``distill``). An all-to-all
+backdoor (every class a target) has no row to single out: no row is re-initialised, and relearning
+unlearns, for every class, the scan's perturbation from that class to its target
+(``all_to_all_repair="features"``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class ULRLConfig:
     layer: str | None = None  # examined layer; default: the last nn.Linear (the classifier)
     mad_threshold: float = 3.5
     max_neurons: int = 2
+    # detect=scan, an all-to-all verdict (every class a target): "rows" re-initialises the first max_neurons rows like an
+    # all-to-one backdoor; "features" re-initialises none (a cap of 2 left 9-18% ASR, all 10 rows cost 9 points of ACC)
+    # and relearns with each class's own shortcut to its target unlearned and distillation on every class
+    all_to_all_repair: str = "rows"
+    all_to_all_scale: float | None = None  # the size of each class's own perturbation unlearned (None: trigger_scale)
     rank_by: str = "score"  # which flagged rows the cap keeps: highest "score" first, or lowest class "index" (reference)
     second_look: bool = False  # detect=unlearning: unlearn again with the flagged classes masked; flag that collapse too
     second_look_freeze_bn: bool = False  # BatchNorm statistics fixed during the second look
@@ -105,12 +113,14 @@ class ULRLConfig:
             raise UserError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.max_neurons < 0 or self.relearn_epochs < 0 or self.unlearn_epochs < 0:
             raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
-        if self.trigger_unlearn < 0 or self.trigger_scale <= 0:
+        if self.trigger_unlearn < 0 or self.trigger_scale <= 0 or (self.all_to_all_scale is not None and self.all_to_all_scale <= 0):
             raise UserError("trigger_unlearn must be >= 0 and trigger_scale > 0")
         if self.rank_by not in ("score", "index"):
             raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
         if self.reinit not in ("he", "matched", "prototype"):
             raise UserError(f"reinit must be 'he', 'matched' or 'prototype', got {self.reinit!r}")
+        if self.all_to_all_repair not in ("rows", "features"):
+            raise UserError(f"all_to_all_repair must be 'rows' or 'features', got {self.all_to_all_repair!r}")
         if self.detect not in ("unlearning", "scan"):
             raise UserError(f"detect must be 'unlearning' or 'scan', got {self.detect!r}")
 
@@ -133,7 +143,8 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Finding 4
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1},
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1,
+                "all_to_all_repair": "features", "all_to_all_scale": 0.75},
 }
 
 
@@ -240,6 +251,15 @@ def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int
     return penalty
 
 
+def source_unlearning(model: nn.Module, deltas: torch.Tensor, beta: float):
+    """``beta * CE(model(x + deltas[y]), y)``: for an all-to-all backdoor, each clean image carries the perturbation
+    the scan found from its own class to that class's target (``deltas``: one per source class) and keeps its label."""
+    def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return beta * F.cross_entropy(model((x + deltas.to(x.device)[y]).clamp(0, 1)), y)
+
+    return penalty
+
+
 def with_distillation(teacher: nn.Module, flagged: list[int], beta: float):
     """``beta * KL(teacher || student)`` over the non-flagged classes; the teacher is the original
     model, a good classifier on clean images for every class but the flagged."""
@@ -289,14 +309,20 @@ def find_by_unlearning(model: nn.Module, layer: nn.Linear, x: torch.Tensor, y: t
 
 
 def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLConfig, report: DefenseReport,
-                 progress: bool) -> tuple[list[int], ScanResult]:
-    """The default step 1: the rows of the classes the detection scan suspects, up to the cap."""
+                 progress: bool) -> tuple[list[int], list[int], ScanResult]:
+    """The default step 1: the rows of the classes the detection scan suspects, up to the cap, and the classes
+    whose shortcut (the scan's perturbation) relearning unlearns. For an all-to-all verdict with
+    ``all_to_all_repair="features"``: no row, every class."""
     result = scan(model, x, y, scan_config(cfg), progress=progress)
     report.extra["scan"] = result.to_dict()
     wc = result.signals.get("weight-change")
     if wc is not None:
         report.scores, report.z_scores = wc.statistic, wc.z
         report.unlearn_epochs = wc.extra.get("epochs", 0)
+    if result.kind == "all-to-all" and cfg.all_to_all_repair == "features":
+        report.notes.append("all-to-all backdoor: every class is a target, so no row is re-initialised; relearning "
+                            "unlearns each class's perturbation to its target and distils the original on clean images")
+        return [], list(result.suspected), result
     flagged = result.suspected[: cfg.max_neurons]
     if len(result.suspected) > cfg.max_neurons:
         report.notes.append(f"the scan suspects {result.suspected}; the cap (max_neurons={cfg.max_neurons}) keeps {flagged}")
@@ -304,29 +330,35 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
         flagged = [min(range(result.num_classes), key=lambda c: result.p_class[c])]
         report.notes.append(f"no evidence of a backdoor (p = {result.p_value:.3g}); force_repair relearns the most "
                             f"suspicious class {flagged}")
-    return flagged, result
+    return flagged, flagged, result
 
 
 def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor, y: torch.Tensor, x_held: torch.Tensor,
-            y_held: torch.Tensor, flagged: list[int], w_original: torch.Tensor, result: ScanResult | None,
+            y_held: torch.Tensor, flagged: list[int], targets: list[int], w_original: torch.Tensor, result: ScanResult | None,
             teacher: nn.Module | None, gen: torch.Generator, cfg: ULRLConfig, lr: float, freeze_bn: bool,
             report: DefenseReport, monitor: Monitor | None, progress: bool) -> None:
     """Steps 2 and 3 on ``model`` (the original weights): re-initialise the flagged rows, then fine-tune
-    on the clean set with the cosine penalty (and, in the default preset, trigger unlearning and
-    distillation) at ``lr``, with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
+    on the clean set with the cosine penalty (and, in the default preset, trigger unlearning toward the
+    ``targets`` classes and distillation) at ``lr``, with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
     held-out epoch when ``cfg.holdout`` sets a slice aside; stops at the first epoch whose loss is not finite."""
     protos = class_prototypes(model, layer, x, y, flagged, cfg.device) if cfg.reinit == "prototype" else None
     reinitialise(layer, flagged, gen, cfg.reinit, protos)
     penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
     if teacher is not None:
         penalties.append(with_distillation(teacher, flagged, cfg.distill))
-    if cfg.trigger_unlearn > 0 and flagged and result is not None and result.perturbations is not None:
-        deltas = result.perturbations[flagged] * cfg.trigger_scale
+    if cfg.trigger_unlearn > 0 and targets and result is not None and result.kind == "all-to-all" \
+            and result.pair_perturbations is not None:  # each class's own shortcut to its target (source -> source + shift)
+        k, shift = result.num_classes, result.all_to_all["shift"]
+        own = torch.stack([result.pair_perturbations[(c + shift) % k, c] for c in range(k)])
+        scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
+        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn))
+    elif cfg.trigger_unlearn > 0 and targets and result is not None and result.perturbations is not None:
+        deltas = result.perturbations[targets] * cfg.trigger_scale
         warps = None
-        if result.warps is not None:  # the warps that reached a flagged class are shortcuts too
+        if result.warps is not None:  # the warps that reached a target class are shortcuts too
             reached = result.signals["warp"].statistic
-            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in flagged]
-        penalties.append(trigger_unlearning(model, deltas, flagged, cfg.trigger_unlearn, warps))
+            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in targets]
+        penalties.append(trigger_unlearning(model, deltas, targets, cfg.trigger_unlearn, warps))
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
     def track(epoch: int, record: dict) -> bool:
@@ -399,16 +431,19 @@ def purify(
     t0 = time.perf_counter()
     result = None
     if cfg.detect == "scan":
-        flagged, result = find_by_scan(model, x_train, y_train, cfg, report, progress)
+        flagged, targets, result = find_by_scan(model, x_train, y_train, cfg, report, progress)
     else:
         unlearning = TrainConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, schedule="step",
                                  milestones=cfg.unlearn_milestones, grad_clip=cfg.grad_clip,
                                  weight_decay=cfg.weight_decay, **shared_training(cfg))
         flagged = find_by_unlearning(model, layer, x_train, y_train, cfg, unlearning, report, monitor, progress)
+        targets = flagged
     report.flagged = flagged
+    if targets != flagged:
+        report.extra["unlearned_targets"] = targets
     report.seconds["unlearn"] = time.perf_counter() - t0
     model.load_state_dict(original_state)
-    if result is not None and not flagged:
+    if result is not None and not targets:
         report.notes.append(f"no evidence of a backdoor (scan p = {result.p_value:.3g} > alpha = {cfg.scan_alpha}): "
                             "the model's weights are left unchanged (force_repair=true repairs anyway)")
         report.seconds["relearn"] = 0.0
@@ -428,7 +463,7 @@ def purify(
     tries = relearning_tries(cfg)
     for n, (lr, freeze_bn) in enumerate(tries, 1):
         model.load_state_dict(original_state)
-        relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, w_original, result, teacher, gen,
+        relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, targets, w_original, result, teacher, gen,
                 cfg, lr, freeze_bn, report, monitor, progress)
         end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
         report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_after": end_acc})
@@ -448,4 +483,4 @@ def purify(
 
 
 __all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
-           "reinitialise", "relearn", "relearning_tries", "scan_config", "trigger_unlearning"]
+           "reinitialise", "relearn", "relearning_tries", "scan_config", "source_unlearning", "trigger_unlearning"]

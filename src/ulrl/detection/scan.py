@@ -41,12 +41,17 @@ class ScanConfig:
     verdict_signals: tuple[str, ...] | None = None  # the ones combined per class (None: every signal run but warp)
     alpha: float = 0.05  # verdict threshold on the model's p-value: the nominal false-positive rate
     all_to_all_share: float = 0.1  # share of alpha spent on the all-to-all test (weighted Bonferroni; 0: off)
+    # the all-to-all test's source x target radii: "pairwise" (one perturbation per target and source class, a search
+    # of its own) or "universal" (the universal search's, one perturbation per target: misses a patch that sends
+    # each class to its own target, docs/detection.md)
+    a2a_search: str = "pairwise"
     warp_share: float = 0.1  # share of alpha spent on the warp signal's own test (0: off)
+    z_scale: str = "trimmed"  # each z's yardstick: "trimmed" (sd of the other classes without their two largest) or "mad"
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
     null_df_universal: float = math.inf
     null_df_warp: float = math.inf  # its own test; largest z over the 33 clean runs: 6.4 (p 0.028 before its share)
     null_df_margin: float = 3.0
-    null_df_weight_change: float = 3.0
+    null_df_weight_change: float = 2.0
     # universal perturbations
     uap_per_class: int = 5  # clean images per source class
     uap_min_rms: float = 0.006
@@ -87,6 +92,10 @@ class ScanConfig:
         if self.verdict_signals is not None and (not set(self.verdict_signals) <= set(self.signals)
                                                  or not self.verdict_signals):
             raise UserError("verdict_signals must be a non-empty subset of signals")
+        if self.a2a_search not in ("pairwise", "universal"):
+            raise UserError(f"a2a_search must be 'pairwise' or 'universal', got {self.a2a_search!r}")
+        if self.z_scale not in stats.SCALES:
+            raise UserError(f"z_scale must be one of {', '.join(stats.SCALES)}, got {self.z_scale!r}")
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
         if not (0.0 <= self.all_to_all_share < 1.0 and 0.0 <= self.warp_share < 1.0
@@ -98,7 +107,7 @@ class ScanConfig:
 def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> ScanConfig:
     """The :class:`ScanConfig` that a scan.json's ``parameters`` record (JSON lists back to tuples, a
     null tail back to the normal null it stood for), with ``overrides``; unknown keys are ignored."""
-    kw = {}
+    kw = {"z_scale": "mad", "a2a_search": "universal"}  # what scans written before these options existed used
     for f in fields(ScanConfig):
         if f.name in parameters:
             v = parameters[f.name]
@@ -141,6 +150,7 @@ class ScanResult:
     notes: list[str] = field(default_factory=list)
     perturbations: torch.Tensor | None = field(default=None, repr=False)  # per class, from the universal search
     warps: torch.Tensor | None = field(default=None, repr=False)  # per class displacement fields, from the warp search
+    pair_perturbations: torch.Tensor | None = field(default=None, repr=False)  # per (target, source), the pairwise search
 
     @property
     def backdoored(self) -> bool:
@@ -149,8 +159,8 @@ class ScanResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON: non-finite numbers (a class never reached) become ``None``."""
         out = asdict(self)
-        out.pop("perturbations")
-        out.pop("warps")
+        for name in ("perturbations", "warps", "pair_perturbations"):
+            out.pop(name)
         return _finite(out)
 
 
@@ -177,6 +187,16 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[fl
         extra.update(raw_score=score, clean_gap=gap)
         score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)
     return u["radius"], score, extra
+
+
+def _pairwise(model, x, y, k, cfg: ScanConfig, progress: bool) -> dict:
+    """Per (source, target) the radius at which the source's images reach the target, each pair with a perturbation
+    of its own: an all-to-all trigger (a patch that sends every class to its own target) is one perturbation per
+    source, which no single perturbation toward a target reproduces. As many forward passes as the universal search."""
+    return universal_radii(model, x, y, k, UniversalConfig(cfg.uap_per_class, cfg.uap_min_rms, cfg.uap_max_rms,
+                                                           cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, stop=1.0,
+                                                           pairwise=True),
+                           seed=cfg.seed, device=cfg.device, progress=progress)
 
 
 def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
@@ -233,7 +253,7 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
     patch or a blend dilutes the signals that do (docs/detection.md)."""
     used = combined_signals(cfg, list(p))
     k = len(p[used[0]])
-    comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(_df(cfg, s) for s in used)) \
+    comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(_df(cfg, s) for s in used), scale=cfg.z_scale) \
         if len(used) > 1 else {"p": p[used[0]], "p_model": p_model[used[0]]}
     tests = {}  # name: (p-value, share of alpha)
     if a2a and cfg.all_to_all_share > 0:
@@ -284,13 +304,20 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
         perturbations = extra.pop("perturbations", perturbations)
         warps = extra.pop("warps", warps)
-        test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0))
+        test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0), cfg.z_scale)
         seconds[name] = time.perf_counter() - t0
         evidence[name] = Evidence(statistic, score, test["z"], test["p"], test["p_model"], seconds[name], extra)
     a2a: dict[str, Any] = {}
+    pair_perturbations = None
     if "universal" in evidence and cfg.all_to_all_share > 0:
-        pair = [[math.inf if v is None else v for v in row] for row in evidence["universal"].extra["pair_radius"]]
-        a2a = stats.cyclic_all_to_all(pair, cfg.seed)
+        t0 = time.perf_counter()
+        if cfg.a2a_search == "pairwise":
+            u = _pairwise(frozen, x, y, k, cfg, progress)
+            pair, pair_perturbations = u["pair_radius"], u["deltas"]
+        else:
+            pair = [[math.inf if v is None else v for v in row] for row in evidence["universal"].extra["pair_radius"]]
+        a2a = {**stats.cyclic_all_to_all(pair, cfg.seed), "pair_radius": pair}
+        seconds["all-to-all"] = time.perf_counter() - t0
     d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg)
     seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
@@ -299,5 +326,5 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         combined=[-math.log10(max(p, 1e-300)) for p in d["p_class"]], p_class=d["p_class"],
         p_all_to_one=d["p_all_to_one"], all_to_all=a2a, p_warp=d["p_warp"], decided_by=d["test"], p_value=d["p_value"],
         verdict="backdoored" if d["suspected"] else "no evidence", kind=d["kind"], suspected=d["suspected"], alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
-        perturbations=perturbations, warps=warps,
+        perturbations=perturbations, warps=warps, pair_perturbations=pair_perturbations,
     )

@@ -4,8 +4,12 @@ Each signal gives one number per class, oriented so that larger is more suspicio
 log scale (a radius, a margin). The null hypothesis of a clean model is that these K numbers
 are exchangeable draws from one distribution. For each class we compute a *leave-one-out
 robust z-score*: its distance above the median of the other K-1 classes, in units of their
-median absolute deviation (MAD x 1.4826). Leaving the class out, and using median and MAD,
-keeps one or two backdoor targets from hiding each other.
+spread. Leaving the class out keeps a backdoor target from inflating its own yardstick. The
+spread (``scale``) is, by default, the standard deviation of the other K-1 values with their two
+largest left out (``trimmed``): up to two other targets (the repair's cap) cannot inflate it, and
+with nine values it is a far less noisy yardstick than the median absolute deviation (``mad``,
+MAD x 1.4826, the first version), so the same false-positive rate is reached at a smaller z
+(docs/detection.md, "The yardstick").
 
 The null distribution of these z-scores has no closed form (MAD of 9 values is itself noisy, so
 the tail is much heavier than a normal's), so it is simulated: ``draws`` sets of K i.i.d.
@@ -27,17 +31,27 @@ import torch
 MAD_SCALE = 1.4826
 
 
-def loo_robust_z(values: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
-    """Leave-one-out robust z of each entry along the last axis:
-    ``(v_k - median(v_-k)) / max(MAD_SCALE * MAD(v_-k), floor)``. Works on (..., K) batches."""
+SCALES = ("trimmed", "mad")
+
+
+def loo_robust_z(values: torch.Tensor, floor: float = 0.0, scale: str = "trimmed") -> torch.Tensor:
+    """Leave-one-out robust z of each entry along the last axis: ``(v_k - median(v_-k)) / max(s(v_-k), floor)``,
+    ``s`` the standard deviation of ``v_-k`` without its two largest values (``trimmed``; fewer when fewer than five
+    would remain) or ``MAD_SCALE * MAD(v_-k)`` (``mad``). Works on (..., K) batches."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     v = values.double()
     k = v.shape[-1]
     idx = torch.arange(k)
     others = torch.stack([idx[idx != i] for i in range(k)])  # (K, K-1)
     rest = v[..., others]  # (..., K, K-1)
     med = rest.median(-1).values
-    mad = (rest - med[..., None]).abs().median(-1).values * MAD_SCALE
-    return ((v - med) / mad.clamp_min(max(floor, 1e-12))).float()
+    if scale == "mad":
+        spread = (rest - med[..., None]).abs().median(-1).values * MAD_SCALE
+    else:
+        drop = min(2, max(0, k - 1 - 3))  # keep at least three values
+        spread = rest.sort(-1).values[..., : k - 1 - drop].std(-1)
+    return ((v - med) / spread.clamp_min(max(floor, 1e-12))).float()
 
 
 def theil_sen_residual(x: list[float], y: list[float], min_slope: float = 0.0) -> tuple[list[float], float, float]:
@@ -55,14 +69,14 @@ def theil_sen_residual(x: list[float], y: list[float], min_slope: float = 0.0) -
 
 
 @lru_cache(maxsize=32)
-def null_z(k: int, df: float, draws: int = 40000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def null_z(k: int, df: float, scale: str = "trimmed", draws: int = 40000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated null of :func:`loo_robust_z` for K exchangeable classes: the sorted z of one
     class, and the sorted largest z of the K. Values are t(df) draws (normal when df is inf)."""
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(draws, k, generator=gen, dtype=torch.float64)
     if math.isfinite(df):  # t = normal / sqrt(chi2_df / df)
         v = v / (_chi2(draws, k, df, gen) / df).sqrt()
-    z = loo_robust_z(v)
+    z = loo_robust_z(v, scale=scale)
     return z[:, 0].sort().values, z.max(1).values.sort().values
 
 
@@ -81,7 +95,7 @@ def tail_p(sorted_null: torch.Tensor, value: float) -> float:
     return (n - below + 1) / (n + 1)
 
 
-def outlier_test(values: list[float] | torch.Tensor, df: float = 5.0, floor: float = 0.0) -> dict:
+def outlier_test(values: list[float] | torch.Tensor, df: float = 5.0, floor: float = 0.0, scale: str = "trimmed") -> dict:
     """Per-class z and p, and the model-level p of the largest z (see the module docstring).
     Non-finite values (a class the search never reached) are put at the most benign end. ``floor``
     bounds the spread from below (the statistic's resolution): when most classes tie, a difference
@@ -93,8 +107,8 @@ def outlier_test(values: list[float] | torch.Tensor, df: float = 5.0, floor: flo
         return {"z": [0.0] * k, "p": [1.0] * k, "p_model": 1.0}
     low = v[finite].min() - 1.0  # unreached (-inf evidence) sits below every reached class
     v = torch.where(torch.isposinf(v), v[finite].max() + 1.0, torch.where(finite, v, low))
-    z = loo_robust_z(v, floor)
-    one, top = null_z(len(v), float(df))
+    z = loo_robust_z(v, floor, scale)
+    one, top = null_z(len(v), float(df), scale)
     p = [tail_p(one, float(zk)) for zk in z]
     return {"z": z.tolist(), "p": p, "p_model": tail_p(top, float(z.max()))}
 
@@ -112,7 +126,7 @@ def _combined(logp: torch.Tensor, method: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def null_combined(k: int, dfs: tuple[float, ...], method: str = "fisher", draws: int = 40000,
+def null_combined(k: int, dfs: tuple[float, ...], method: str = "fisher", scale: str = "trimmed", draws: int = 40000,
                   seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulated null of the per-class combination of independent signals, signal ``i`` a set of
     K exchangeable t(``dfs[i]``) values put through :func:`loo_robust_z` and its one-class null:
@@ -120,16 +134,16 @@ def null_combined(k: int, dfs: tuple[float, ...], method: str = "fisher", draws:
     gen = torch.Generator().manual_seed(seed)
     logp = torch.zeros(draws, len(dfs), k, dtype=torch.float64)
     for i, df in enumerate(dfs):
-        one, _ = null_z(k, df)
+        one, _ = null_z(k, df, scale)
         v = torch.randn(draws, k, generator=gen, dtype=torch.float64)
         if math.isfinite(df):
             v = v / (_chi2(draws, k, df, gen) / df).sqrt()
-        logp[:, i] = tail_ps(one, loo_robust_z(v).double()).log()
+        logp[:, i] = tail_ps(one, loo_robust_z(v, scale=scale).double()).log()
     stat = _combined(logp, method)
     return stat[:, 0].sort().values, stat.max(1).values.sort().values
 
 
-def combine(p: torch.Tensor, dfs: tuple[float, ...] | float = 5.0, method: str = "fisher") -> dict:
+def combine(p: torch.Tensor, dfs: tuple[float, ...] | float = 5.0, method: str = "fisher", scale: str = "trimmed") -> dict:
     """Combination of per-class p-values ``p`` (signals x K; signal i's null has ``dfs[i]``),
     ``fisher`` or ``tippett``: per class the combined statistic and its p-value, and the
     model-level p-value of the largest (simulated null of independent signals)."""
@@ -137,7 +151,7 @@ def combine(p: torch.Tensor, dfs: tuple[float, ...] | float = 5.0, method: str =
     s, k = p.shape
     dfs = tuple(float(d) for d in dfs) if isinstance(dfs, tuple | list) else (float(dfs),) * s
     stat = _combined(p.clamp_min(1e-300).log(), method)
-    one, top = null_combined(k, dfs, method)
+    one, top = null_combined(k, dfs, method, scale)
     return {"statistic": stat.tolist(), "p": tail_ps(one, stat).tolist(), "p_model": float(tail_ps(top, stat.max()[None])[0])}
 
 

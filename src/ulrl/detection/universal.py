@@ -55,6 +55,7 @@ class UniversalConfig:
     flip: float = 0.5  # fraction of images that must reach the class
     stop: float = 0.5  # a class's search stops once this fraction reached it
     per_image: bool = False  # one perturbation per image instead of one per class (the sample-specific baseline)
+    pairwise: bool = False  # one perturbation per (target, source class): how easily each source reaches each target
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
     transform: str = "add"  # "add": x + delta; "warp": x resampled along a smooth displacement field (radius in pixels)
     warp_grid: int = 4  # transform="warp": control points per axis of the displacement field
@@ -119,10 +120,12 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     it (``radius``), the mean over those images of the log radius at which each flips, capped at
     ``cfg.max_rms`` (``mean_log_radius``), and per (source, target) the radius at which that
     source's images do (``pair_radius[s][t]``); ``inf`` where the search stopped first (it stops for
-    a class once the class is reached). Also the final perturbations (``deltas``: K x C x H x W, or
-    K x 2 x g x g displacement fields for ``transform="warp"``)."""
-    if cfg.transform not in ("add", "warp") or (cfg.transform == "warp" and (cfg.per_image or cfg.norm != "l2")):
+    a class once the class is reached). Also the final perturbations (``deltas``: K x C x H x W, K x K x C x H x W
+    per (target, source) with ``pairwise``, or K x 2 x g x g displacement fields for ``transform="warp"``)."""
+    if cfg.transform not in ("add", "warp") or (cfg.transform == "warp" and (cfg.per_image or cfg.pairwise or cfg.norm != "l2")):
         raise ValueError(f"transform must be 'add', or 'warp' with the l2 norm and one field per class, got {cfg}")
+    if cfg.per_image and cfg.pairwise:
+        raise ValueError("per_image and pairwise are exclusive")
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
     xs, ys = _sample(x, y, num_classes, cfg.per_class, gen)
@@ -135,7 +138,7 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     others = ys[None, :] != targets[:, None]  # (K, n): images of other classes
     source = torch.nn.functional.one_hot(ys, k).float().T  # (K sources, n)
     source = source / source.sum(1, keepdim=True).clamp_min(1)
-    delta = torch.zeros(k, *((n,) if cfg.per_image else ()), *shape, device=device)
+    delta = torch.zeros(k, *((n,) if cfg.per_image else (k,) if cfg.pairwise else ()), *shape, device=device)
     steps = math.ceil(math.log(cfg.max_rms / cfg.min_rms) / math.log(cfg.growth)) + 1
     log_r = torch.tensor([math.log(cfg.min_rms * cfg.growth**i) for i in range(steps)])
     frac = torch.full((steps, k), math.nan)  # fraction of other classes' images reaching t
@@ -152,6 +155,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         d = delta[live].clone().requires_grad_(True)
         if cfg.transform == "warp":
             xb = warp(xs, d).flatten(0, 1)
+        elif cfg.pairwise:  # each image gets its (target, source class) perturbation
+            xb = (xs[None] + d[:, ys]).clamp(0, 1).flatten(0, 1)
         else:
             xb = (xs[None] + (d if cfg.per_image else d[:, None])).clamp(0, 1).flatten(0, 1)
         tb = live.to(device).repeat_interleave(n)
@@ -168,7 +173,7 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             frac[i, live] = ((hit * others[live]).sum(1) / others[live].sum(1)).cpu()
             first[live] = torch.where((hit.cpu() > 0) & (first[live] > i), float(i), first[live])
             pair_frac[i][:, live] = (source @ hit.T).cpu()
-            flat = 2 if cfg.per_image else 1
+            flat = 2 if cfg.per_image or cfg.pairwise else 1
             g = grads.flatten(flat)
             if cfg.norm == "linf":  # signed step, then clip every pixel to the radius
                 nd = (d.detach().flatten(flat) - cfg.step * r * g.sign()).clamp(-r, r)
