@@ -99,7 +99,7 @@ def main() -> None:
                     found += truth in sus
                     extra += kind == "all-to-one" and any(c != truth for c in sus)
             print(f"| {' + '.join(subset)} | {found}/{total} | {a2a_found}/{a2a_total} | {extra}/{total} | {fp}/{clean} |")
-    print("\nPer run, z of each signal at the true target (all-to-one runs), and the scan's p-value:\n")
+    print("\nPer run, z of each signal at the true target (all-to-one runs), and the scan's p-value and suspected classes:\n")
     print("| attack | clean seed | " + " | ".join(f"{s} z" for s in names) + " | p | suspected |")
     print("|---|---|" + "---|" * len(names) + "---|---|")
     for r in sorted(records, key=lambda r: (r["attack"], r["seed"], r["clean_seed"])):
@@ -107,7 +107,10 @@ def main() -> None:
         if not isinstance(truth, int):
             continue
         zs = " | ".join(f"{r['scan']['signals'][s]['z'][truth]:.1f}" for s in names)
-        print(f"| {r['attack']} | {r['clean_seed']} | {zs} | {r['scan']['p_value']:.2g} | {r['scan']['suspected']} |")
+        cfg = config_from_parameters(r["scan"]["parameters"], alpha=args.alpha)
+        d = decide({s: r["scan"]["signals"][s]["p"] for s in names}, {s: r["scan"]["signals"][s]["p_model"] for s in names},
+                   r["scan"].get("all_to_all") or {}, cfg)  # the decision as recomputed (= stored unless rescaled)
+        print(f"| {r['attack']} | {r['clean_seed']} | {zs} | {d['p_value']:.2g} | {d['suspected']} |")
 
 
 if __name__ == "__main__":

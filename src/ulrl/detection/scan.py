@@ -46,7 +46,8 @@ class ScanConfig:
     # each class to its own target, docs/detection.md)
     a2a_search: str = "pairwise"
     warp_share: float = 0.1  # share of alpha spent on the warp signal's own test (0: off)
-    z_scale: str = "trimmed"  # each z's yardstick: "trimmed" (sd of the other classes without their two largest) or "mad"
+    z_scale: str = "trimmed"  # each z's yardstick: "trimmed" (sd of the other classes without their two largest and
+    # their smallest) or "mad"
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
     null_df_universal: float = math.inf
     null_df_warp: float = math.inf  # its own test; largest z over the 33 clean runs: 6.4 (p 0.028 before its share)

@@ -6,7 +6,8 @@ are exchangeable draws from one distribution. For each class we compute a *leave
 robust z-score*: its distance above the median of the other K-1 classes, in units of their
 spread. Leaving the class out keeps a backdoor target from inflating its own yardstick. The
 spread (``scale``) is, by default, the standard deviation of the other K-1 values with their two
-largest left out (``trimmed``): up to two other targets (the repair's cap) cannot inflate it, and
+largest and their smallest left out (``trimmed``): up to two other targets (the repair's cap), or a
+class the search never reached (put below every other), cannot inflate it, and
 with nine values it is a far less noisy yardstick than the median absolute deviation (``mad``,
 MAD x 1.4826, the first version), so the same false-positive rate is reached at a smaller z
 (docs/detection.md, "The yardstick").
@@ -36,8 +37,8 @@ SCALES = ("trimmed", "mad")
 
 def loo_robust_z(values: torch.Tensor, floor: float = 0.0, scale: str = "trimmed") -> torch.Tensor:
     """Leave-one-out robust z of each entry along the last axis: ``(v_k - median(v_-k)) / max(s(v_-k), floor)``,
-    ``s`` the standard deviation of ``v_-k`` without its two largest values (``trimmed``; fewer when fewer than five
-    would remain) or ``MAD_SCALE * MAD(v_-k)`` (``mad``). Works on (..., K) batches."""
+    ``s`` the standard deviation of ``v_-k`` without its two largest values and its smallest (``trimmed``; fewer when
+    fewer than three would remain) or ``MAD_SCALE * MAD(v_-k)`` (``mad``). Works on (..., K) batches."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     v = values.double()
@@ -49,8 +50,9 @@ def loo_robust_z(values: torch.Tensor, floor: float = 0.0, scale: str = "trimmed
     if scale == "mad":
         spread = (rest - med[..., None]).abs().median(-1).values * MAD_SCALE
     else:
-        drop = min(2, max(0, k - 1 - 3))  # keep at least three values
-        spread = rest.sort(-1).values[..., : k - 1 - drop].std(-1)
+        top = min(2, max(0, k - 1 - 3))  # keep at least three values
+        low = min(1, max(0, k - 1 - top - 3))
+        spread = rest.sort(-1).values[..., low: k - 1 - top].std(-1)
     return ((v - med) / spread.clamp_min(max(floor, 1e-12))).float()
 
 
