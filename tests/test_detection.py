@@ -154,17 +154,31 @@ def test_warp_moves_pixels_by_the_field():
     assert torch.allclose(moved[..., 2], torch.ones(8), atol=1e-5) and moved[..., 3].abs().max() < 1e-6
 
 
-class _WarpTarget(torch.nn.Module):
-    """Class c is a bright block in rows 2c..2c+1 (columns 0-3); every image also has a bright bar
-    in column 8, and class 5's logit rises sharply when that bar moves one column right: a warp
-    trigger. Reaching any other class takes moving a block by two pixels or more."""
+class _IdentityHead(torch.nn.Module):
+    """A hand-made model whose logits pass through an identity ``nn.Linear`` (the scan looks for the classifier)."""
 
     def __init__(self):
         super().__init__()
-        self.fc = torch.nn.Linear(K, K)  # the scan looks for the classifier: identity
+        self.fc = torch.nn.Linear(K, K)
         with torch.no_grad():
             self.fc.weight.copy_(torch.eye(K))
             self.fc.bias.zero_()
+
+
+def _blocks() -> tuple[torch.Tensor, torch.Tensor]:
+    """160 16 x 16 images, 20 per class: class c is a bright block in rows 2c..2c+1, columns 0-3, on dim noise."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(160) % K
+    x = torch.rand(160, 1, 16, 16, generator=gen) * 0.3
+    for c in range(K):
+        x[y == c, :, 2 * c: 2 * c + 2, :4] = 1.0
+    return x, y
+
+
+class _WarpTarget(_IdentityHead):
+    """Class c is a bright block in rows 2c..2c+1 (columns 0-3); every image also has a bright bar
+    in column 8, and class 5's logit rises sharply when that bar moves one column right: a warp
+    trigger. Reaching any other class takes moving a block by two pixels or more."""
 
     def forward(self, x):
         rows = x[..., :4].mean(-1).flatten(1)  # (N, 16): brightness of each row's first four pixels
@@ -174,11 +188,7 @@ class _WarpTarget(torch.nn.Module):
 
 
 def test_warp_signal_finds_a_planted_warp_trigger():
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(160) % K
-    x = torch.rand(160, 1, 16, 16, generator=gen) * 0.3
-    for c in range(K):
-        x[y == c, :, 2 * c: 2 * c + 2, :4] = 1.0
+    x, y = _blocks()
     x[..., 8] = 1.0
     model = _WarpTarget()
     assert (model(x).argmax(1) == y).all()
@@ -188,16 +198,9 @@ def test_warp_signal_finds_a_planted_warp_trigger():
     assert ev.statistic[5] < 2.0 and result.warps.shape == (K, 2, 8, 8)  # reached by a warp of under 2 pixels
 
 
-class _AllToAllTarget(torch.nn.Module):
+class _AllToAllTarget(_IdentityHead):
     """Class c is a bright block in rows 2c..2c+1 (columns 0-3); a bright 4 x 4 corner patch sends an image of class c
     to class c + 1: BadNets all-to-all. No one perturbation sends every class to one target, one per class does."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(K, K)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(K))
-            self.fc.bias.zero_()
 
     def forward(self, x):
         rows = x[..., :4].mean(-1).flatten(1)
@@ -207,11 +210,7 @@ class _AllToAllTarget(torch.nn.Module):
 
 
 def test_pairwise_search_finds_an_all_to_all_patch():
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(160) % K
-    x = torch.rand(160, 1, 16, 16, generator=gen) * 0.3
-    for c in range(K):
-        x[y == c, :, 2 * c: 2 * c + 2, :4] = 1.0
+    x, y = _blocks()
     model = _AllToAllTarget()
     assert (model(x).argmax(1) == y).all()
     patched = x.clone()

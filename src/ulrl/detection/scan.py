@@ -175,10 +175,14 @@ def _finite(o: Any) -> Any:
     return o
 
 
+def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalConfig:
+    """The continuation search every signal of :mod:`.universal` runs: the scan's images per class, growth, step and
+    flip level, from radius ``first`` to ``last``."""
+    return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, **kw)
+
+
 def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
-    u = universal_radii(model, x, y, k, UniversalConfig(cfg.uap_per_class, cfg.uap_min_rms, cfg.uap_max_rms,
-                                                        cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level,
-                                                        stop=cfg.uap_level),
+    u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"]}
@@ -194,16 +198,13 @@ def _pairwise(model, x, y, k, cfg: ScanConfig, progress: bool) -> dict:
     """Per (source, target) the radius at which the source's images reach the target, each pair with a perturbation
     of its own: an all-to-all trigger (a patch that sends every class to its own target) is one perturbation per
     source, which no single perturbation toward a target reproduces. As many forward passes as the universal search."""
-    return universal_radii(model, x, y, k, UniversalConfig(cfg.uap_per_class, cfg.uap_min_rms, cfg.uap_max_rms,
-                                                           cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, stop=1.0,
-                                                           pairwise=True),
+    return universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=1.0, pairwise=True),
                            seed=cfg.seed, device=cfg.device, progress=progress)
 
 
 def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
-    u = universal_radii(model, x, y, k, UniversalConfig(cfg.uap_per_class, cfg.warp_min_px, cfg.warp_max_px,
-                                                        cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, stop=1.0,
-                                                        transform="warp", warp_grid=cfg.warp_grid),
+    u = universal_radii(model, x, y, k, _search(cfg, cfg.warp_min_px, cfg.warp_max_px, stop=1.0, transform="warp",
+                                                warp_grid=cfg.warp_grid),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     # most classes are never reached by a warp of a few pixels: rank by the mean log radius over images
     # the statistic is a mean of log radii on the search's grid: half a step is its resolution
