@@ -13,7 +13,7 @@ from ulrl.attacks import build_attack
 from ulrl.cli import main
 from ulrl.data.readers import synthetic
 from ulrl.detection import ScanConfig, scan, stats
-from ulrl.detection.universal import warp
+from ulrl.detection.universal import UniversalConfig, low_rank, universal_radii, warp
 from ulrl.errors import UserError
 
 FAST = dict(uap_per_class=4, margin_steps=40)
@@ -314,3 +314,13 @@ def test_config_round_trips_through_scan_json_parameters():
     assert stored["null_df_universal"] is None and isinstance(stored["signals"], list)
     assert config_from_parameters(stored) == cfg
     assert config_from_parameters({**stored, "unknown": 1}, alpha=0.2).alpha == 0.2
+
+
+def test_rank_one_search_keeps_every_perturbation_of_rank_one():
+    x, y = _blocks()
+    assert torch.linalg.matrix_rank(low_rank(x[:3], 1)[:, 0]).tolist() == [1, 1, 1]
+    assert torch.allclose(low_rank(x[:3], 16), x[:3], atol=1e-5)  # full rank: the image itself
+    cfg = UniversalConfig(per_class=2, min_rms=0.02, max_rms=0.5, growth=1.5, rank=1)
+    u = universal_radii(_AllToAllTarget().eval(), x, y, K, cfg)
+    assert u["deltas"].shape == (K, 1, 16, 16)
+    assert all(int(torch.linalg.matrix_rank(d[0])) <= 1 for d in u["deltas"])

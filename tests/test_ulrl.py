@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import ulrl
-from ulrl.defenses.ulrl import cosine_penalty, make_config, reinitialise
+from ulrl.defenses.ulrl import cosine_penalty, make_config, reinitialise, with_distillation
 from ulrl.detection.weight_change import mad_outliers, neuron_scores
 from ulrl.errors import UserError
 
@@ -172,3 +172,15 @@ def test_extra_bn_pass_moves_batchnorm_statistics_twice_per_batch(synth):
         return int(next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).num_batches_tracked)
 
     assert bn_batches(False) == 2 and bn_batches(True) == 4
+
+
+def test_distillation_leaves_the_flagged_classes_out_unless_asked():
+    """``distill_flagged`` distils every class; by default the flagged ones are left out."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    out = teacher(x).detach().clone()
+    out[:, 1] += 2.0  # the student differs from the teacher on class 1 only
+    assert with_distillation(teacher, [1], 1.0)(x, out, y).item() < 1e-6
+    assert with_distillation(teacher, [], 1.0)(x, out, y).item() > 1e-3
+    assert make_config("default").distill_flagged is False

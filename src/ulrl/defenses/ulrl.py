@@ -102,6 +102,7 @@ class ULRLConfig:
     amp: bool = False  # mixed precision on CUDA (the reference uses it); ignored on the CPU
     freeze_bn: bool = False  # keep BatchNorm statistics of the original model while relearning (default preset: on)
     distill: float = 0.0  # weight of distilling the original model's non-flagged logits (default preset: 1)
+    distill_flagged: bool = False  # distil the flagged classes' logits too (the original's outputs on clean images)
     # Options measured in docs/method.md, off in both presets
     holdout: float = 0.0  # fraction of the clean set held out to select the relearning epoch
     backbone_lr_scale: float = 1.0  # relearning lr of every layer but the examined one, relative
@@ -345,7 +346,7 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
     reinitialise(layer, flagged, gen, cfg.reinit, protos)
     penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
     if teacher is not None:
-        penalties.append(with_distillation(teacher, flagged, cfg.distill))
+        penalties.append(with_distillation(teacher, [] if cfg.distill_flagged else flagged, cfg.distill))
     if cfg.trigger_unlearn > 0 and targets and result is not None and result.kind == "all-to-all" \
             and result.pair_perturbations is not None:  # each class's own shortcut to its target (source -> source + shift)
         k, shift = result.num_classes, result.all_to_all["shift"]

@@ -59,6 +59,7 @@ class UniversalConfig:
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
     transform: str = "add"  # "add": x + delta; "warp": x resampled along a smooth displacement field (radius in pixels)
     warp_grid: int = 4  # transform="warp": control points per axis of the displacement field
+    rank: int = 0  # transform="add": keep each channel of a perturbation of this rank at most (0: any)
     batch_size: int = 512
 
 
@@ -112,6 +113,12 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     out = F.grid_sample(x[None].expand(m, n, c, h, w).reshape(m * n, c, h, w), grid, mode="bilinear",
                         padding_mode="border", align_corners=True)
     return out.view(m, n, c, h, w)
+
+
+def low_rank(d: torch.Tensor, rank: int) -> torch.Tensor:
+    """Each channel (the last two dimensions) of ``d`` replaced by its best approximation of rank ``rank``."""
+    u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+    return (u[..., :rank] * sv[..., None, :rank]) @ vh[..., :rank, :]
 
 
 def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: UniversalConfig,
@@ -180,6 +187,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             else:  # normalised step, then projection on the L2 ball
                 g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 nd = d.detach().flatten(flat) - cfg.step * r * g
+                if cfg.rank > 0:
+                    nd = low_rank(nd.view_as(d), cfg.rank).flatten(flat)
                 nd = nd * (r / nd.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
             delta[live] = nd.view_as(d)
             active[live[frac[i, live] >= max(cfg.flip, cfg.stop)]] = False  # reached: its radius is known

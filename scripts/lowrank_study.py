@@ -1,0 +1,107 @@
+"""Would a rank-1 universal perturbation search find SIG? (docs/detection.md, "What still fails")
+
+    python scripts/lowrank_study.py RESULTS_DIR --out SCORES.jsonl     # run the search on every scanned model and clean set
+    python scripts/lowrank_study.py RESULTS_DIR --scores SCORES.jsonl  # the verdicts only, from stored scores
+
+SIG's trigger is a horizontal sine: every row the same, a matrix of rank 1. For every scan a
+benchmark stored (``ulrl bench``), this runs the scan's universal search again on the same model
+and clean set with each perturbation kept at rank 1 per channel (``UniversalConfig.rank``), scores
+it like the universal signal (``-log radius``, regressed on the clean logit gap) and, from the
+stored scores of the other signals (default yardstick), recomputes the default verdict with the
+rank-1 signal as one more term of the per-class Fisher sum (its null a normal or a t with 5 or 3
+degrees of freedom), or folded into the universal signal (per class the smaller of the two
+p-values, Sidak-corrected). Prints targets found, clean classes also suspected, false positives on
+clean models, and every run whose decision changes.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ulrl.bench import collect_scans
+from ulrl.checkpoints import load_checkpoint
+from ulrl.data import load_dataset
+from ulrl.detection import stats
+from ulrl.detection.scan import ScanConfig, _frozen, _search, config_from_parameters, decide
+from ulrl.detection.universal import clean_gap, universal_radii
+from ulrl.pipeline import select_clean
+
+sys.path.insert(0, str(Path(__file__).parent))
+from signal_study import _rescaled, _truth  # noqa: E402
+
+
+def key(r: dict) -> str:
+    return f"{r['attack_key']}:{r['seed']}:{r['clean_seed']}"
+
+
+def search(root: str, out: str) -> None:
+    cfg, data = ScanConfig(), {}
+    with open(out, "a") as f:
+        for r in collect_scans(root):
+            name = r["dataset"]
+            data.setdefault(name, load_dataset(name))
+            ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
+            model = load_checkpoint(str(ckpt))[0]
+            idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
+            x, y = data[name].train_x[idx], data[name].train_y[idx]
+            k = data[name].num_classes
+            u = universal_radii(_frozen(model, "cpu"), x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms,
+                                                                         stop=cfg.uap_level, rank=1), seed=r["clean_seed"])
+            score = [-math.log(v) if math.isfinite(v) else -math.inf for v in u["radius"]]
+            score = stats.theil_sen_residual([-g for g in clean_gap(model, x, y, k)], score)[0]
+            f.write(json.dumps({"run": key(r), "radius": u["radius"], "score": score}) + "\n")
+            f.flush()
+
+
+def verdicts(root: str, scores: str) -> None:
+    low_rank = {d["run"]: d["score"] for d in map(json.loads, open(scores))}
+    records = [r for r in collect_scans(root) if key(r) in low_rank]
+    floor = 0.5 * math.log(ScanConfig().uap_growth)  # unreached classes tie: half a search step is the resolution
+
+    def run(how: str, df: float) -> dict:
+        out = {}
+        for r in records:
+            sc = _rescaled(r["scan"], "trimmed", {})
+            cfg = config_from_parameters(sc["parameters"])
+            p = {s: e["p"] for s, e in sc["signals"].items()}
+            pm = {s: e["p_model"] for s, e in sc["signals"].items()}
+            if how != "base":
+                low = stats.outlier_test(low_rank[key(r)], df, floor, "trimmed")
+                if how == "fisher":
+                    p["low-rank"], pm["low-rank"], cfg.null_df_low_rank = low["p"], low["p_model"], df
+                else:  # the smaller of the two p-values per class, Sidak-corrected for taking it
+                    p["universal"] = [1 - (1 - min(a, b)) ** 2 for a, b in zip(p["universal"], low["p"], strict=True)]
+            d = decide(p, pm, sc["all_to_all"], cfg)
+            out[key(r)] = (_truth(r["attack_spec"]), d["suspected"], d["p_value"])
+        found = sum(t in s for t, s, _ in out.values() if isinstance(t, int))
+        targets = sum(isinstance(t, int) for t, _, _ in out.values())
+        other = sum(any(c != t for c in s) for t, s, _ in out.values() if isinstance(t, int))
+        fp = sum(bool(s) for t, s, _ in out.values() if t is None)
+        clean = sum(t is None for t, _, _ in out.values())
+        print(f"{how:7s} null df {df}: target found {found}/{targets}, clean class also suspected {other}, "
+              f"false positives {fp}/{clean}")
+        return out
+
+    base = run("base", math.inf)
+    for how, df in (("sidak", math.inf), ("fisher", math.inf), ("fisher", 5.0), ("fisher", 3.0)):
+        for k, (t, s, pv) in run(how, df).items():
+            if bool(s) != bool(base[k][1]) or (isinstance(t, int) and (t in s) != (t in base[k][1])):
+                print(f"    {k}: target {t}, suspected {base[k][1]} (p {base[k][2]:.3g}) -> {s} (p {pv:.3g})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--out", help="run the rank-1 search and append its scores here")
+    ap.add_argument("--scores", help="recompute the verdicts from these scores")
+    a = ap.parse_args()
+    if a.out:
+        search(a.results, a.out)
+    if a.scores:
+        verdicts(a.results, a.scores)
+
+
+if __name__ == "__main__":
+    main()
