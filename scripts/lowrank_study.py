@@ -24,7 +24,14 @@ from ulrl.bench import collect_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
-from ulrl.detection.scan import ScanConfig, _frozen, _search, config_from_parameters, decide
+from ulrl.detection.scan import (
+    ScanConfig,
+    _frozen,
+    _search,
+    config_from_parameters,
+    decide,
+    search_resolution,
+)
 from ulrl.detection.universal import clean_gap, universal_radii
 from ulrl.pipeline import select_clean
 
@@ -58,7 +65,7 @@ def search(root: str, out: str) -> None:
 def verdicts(root: str, scores: str) -> None:
     low_rank = {d["run"]: d["score"] for d in map(json.loads, open(scores))}
     records = [r for r in collect_scans(root) if key(r) in low_rank]
-    floor = 0.5 * math.log(ScanConfig().uap_growth)  # unreached classes tie: half a search step is the resolution
+    floor = search_resolution(ScanConfig())  # unreached classes tie at the cap
 
     def run(how: str, df: float) -> dict:
         out = {}

@@ -22,7 +22,7 @@ import math
 
 from ulrl.bench import collect_scans
 from ulrl.detection import stats
-from ulrl.detection.scan import config_from_parameters, decide
+from ulrl.detection.scan import config_from_parameters, decide, search_resolution
 
 
 def _truth(spec):
@@ -46,7 +46,7 @@ def _rescaled(scan: dict, scale: str, overrides: dict) -> dict:
     cfg = config_from_parameters(scan["parameters"], z_scale=scale, **overrides)
     signals = {}
     for name, ev in scan["signals"].items():
-        floor = 0.5 * math.log(cfg.uap_growth) if name == "warp" else 0.0  # the warp statistic's resolution
+        floor = search_resolution(cfg) if name == "warp" else 0.0
         score = [-math.inf if v is None else v for v in ev["score"]]
         test = stats.outlier_test(score, getattr(cfg, "null_df_" + name.replace("-", "_")), floor, scale)
         signals[name] = {**ev, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}

@@ -207,8 +207,13 @@ def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float],
                                                 warp_grid=cfg.warp_grid),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     # most classes are never reached by a warp of a few pixels: rank by the mean log radius over images
-    # the statistic is a mean of log radii on the search's grid: half a step is its resolution
-    return u["radius"], [-v for v in u["mean_log_radius"]], {"warps": u["deltas"], "resolution": 0.5 * math.log(cfg.uap_growth)}
+    return u["radius"], [-v for v in u["mean_log_radius"]], {"warps": u["deltas"], "resolution": search_resolution(cfg)}
+
+
+def search_resolution(cfg: ScanConfig) -> float:
+    """The smallest difference of log radius a continuation search resolves: half of one step (the warp signal's
+    statistic is a mean of log radii on the search's grid, where most classes tie at the cap)."""
+    return 0.5 * math.log(cfg.uap_growth)
 
 
 def _margin(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
