@@ -27,12 +27,11 @@ from ulrl.detection import stats
 from ulrl.detection.scan import (
     ScanConfig,
     _frozen,
-    _search,
+    _universal,
     config_from_parameters,
     decide,
     search_resolution,
 )
-from ulrl.detection.universal import clean_gap, universal_radii
 from ulrl.pipeline import select_clean
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +43,7 @@ def key(r: dict) -> str:
 
 
 def search(root: str, out: str) -> None:
-    cfg, data = ScanConfig(), {}
+    data = {}
     with open(out, "a") as f:
         for r in collect_scans(root):
             name = r["dataset"]
@@ -53,12 +52,10 @@ def search(root: str, out: str) -> None:
             model = load_checkpoint(str(ckpt))[0]
             idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
             x, y = data[name].train_x[idx], data[name].train_y[idx]
-            k = data[name].num_classes
-            u = universal_radii(_frozen(model, "cpu"), x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms,
-                                                                         stop=cfg.uap_level, rank=1), seed=r["clean_seed"])
-            score = [-math.log(v) if math.isfinite(v) else -math.inf for v in u["radius"]]
-            score = stats.theil_sen_residual([-g for g in clean_gap(model, x, y, k)], score)[0]
-            f.write(json.dumps({"run": key(r), "radius": u["radius"], "score": score}) + "\n")
+            # the scan's universal signal (score regressed on the clean logit gap), its search held to rank 1
+            radius, score, _ = _universal(_frozen(model, "cpu"), x, y, data[name].num_classes,
+                                          ScanConfig(seed=r["clean_seed"]), False, rank=1)
+            f.write(json.dumps({"run": key(r), "radius": radius, "score": score}) + "\n")
             f.flush()
 
 

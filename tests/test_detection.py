@@ -324,3 +324,5 @@ def test_rank_one_search_keeps_every_perturbation_of_rank_one():
     u = universal_radii(_AllToAllTarget().eval(), x, y, K, cfg)
     assert u["deltas"].shape == (K, 1, 16, 16)
     assert all(int(torch.linalg.matrix_rank(d[0])) <= 1 for d in u["deltas"])
+    with pytest.raises(ValueError, match="rank"):
+        universal_radii(_AllToAllTarget().eval(), x, y, K, UniversalConfig(rank=1, norm="linf"))

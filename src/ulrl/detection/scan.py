@@ -181,8 +181,9 @@ def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalC
     return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, **kw)
 
 
-def _universal(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
-    u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
+def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -> tuple[list[float], list[float], dict]:
+    """The universal signal; ``search``: other settings of its search (``rank=1``: scripts/lowrank_study.py)."""
+    u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"]}

@@ -59,7 +59,7 @@ class UniversalConfig:
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
     transform: str = "add"  # "add": x + delta; "warp": x resampled along a smooth displacement field (radius in pixels)
     warp_grid: int = 4  # transform="warp": control points per axis of the displacement field
-    rank: int = 0  # transform="add": keep each channel of a perturbation of this rank at most (0: any)
+    rank: int = 0  # transform="add", l2 norm: keep each channel of a perturbation of this rank at most (0: any)
     batch_size: int = 512
 
 
@@ -133,6 +133,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         raise ValueError(f"transform must be 'add', or 'warp' with the l2 norm and one field per class, got {cfg}")
     if cfg.per_image and cfg.pairwise:
         raise ValueError("per_image and pairwise are exclusive")
+    if cfg.rank and (cfg.transform != "add" or cfg.norm != "l2"):
+        raise ValueError("rank applies to additive perturbations under the l2 norm only")
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
     xs, ys = _sample(x, y, num_classes, cfg.per_class, gen)
