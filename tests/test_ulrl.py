@@ -184,3 +184,18 @@ def test_distillation_leaves_the_flagged_classes_out_unless_asked():
     assert with_distillation(teacher, [1], 1.0)(x, out, y).item() < 1e-6
     assert with_distillation(teacher, [], 1.0)(x, out, y).item() > 1e-3
     assert make_config("default").distill_flagged is False
+
+
+def test_probe_trains_the_flagged_rows_with_the_backbone_fixed(tiny):
+    """``probe_epochs`` (LP-FT): before the whole network relearns, only the examined layer learns, the backbone and its
+    statistics stay as they were."""
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 1, 4, 4), torch.arange(40) % 4
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    repaired, report = ulrl.purify(tiny, (x, y), preset="default", layer="fc", force_repair=True, probe_epochs=2,
+                                   relearn_epochs=0, relearn_guard=None, augment=False, progress=False)
+    after = repaired.state_dict()
+    assert len(report.extra["probe_history"]) == 2 and report.flagged
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("features."))
+    assert not torch.equal(before["fc.weight"][report.flagged], after["fc.weight"][report.flagged])
+    assert make_config("paper").probe_epochs == 0

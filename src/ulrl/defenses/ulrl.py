@@ -25,7 +25,11 @@ each flagged class added to clean images under their true labels (``trigger_unle
 with the original model's BatchNorm statistics (``freeze_bn``: with batch statistics, a batch of
 perturbed images is normalised back toward clean ones and the shortcut survives in eval mode), at
 a lower learning rate (0.002: without batch normalisation the paper's 0.005 overshoots), and
-distils the original model's clean-image predictions on the other classes (``distill``). An all-to-all
+distils the original model's clean-image predictions on the other classes (``distill``). Before the
+whole network relearns, the re-initialised layer alone learns with the same losses, the backbone
+fixed (``probe_epochs``, a linear probe as in LP-FT, docs/method.md, Finding 9): a random row
+trained together with the backbone bends the features toward itself, and the flagged class paid
+for it. An all-to-all
 backdoor (every class a target) has no row to single out: no row is re-initialised, and relearning
 unlearns, for every class, the scan's perturbation from that class to its target
 (``all_to_all_repair="features"``).
@@ -79,6 +83,10 @@ class ULRLConfig:
     # Phase 2: relearning with the cosine-similarity penalty
     relearn_lr: float = 0.005
     relearn_epochs: int = 20
+    # a linear probe first (LP-FT, Kumar et al. 2022): the examined layer alone learns for probe_epochs (at probe_lr,
+    # the backbone fixed) before the whole network relearns, so that a random row does not distort the features
+    probe_epochs: int = 0
+    probe_lr: float = 0.05
     relearn_weight_decay: float | None = None  # None: the shared weight_decay (the reference relearns with 0)
     relearn_extra_bn_pass: bool = False  # the reference trainer's second train-mode forward pass per batch
     alpha: float = 0.7  # weight of the cosine penalty
@@ -142,9 +150,9 @@ def paper_preset(dataset: str | None) -> dict:
 
 PRESETS = {
     "paper": paper_preset,
-    # docs/detection.md; docs/method.md, Finding 4
+    # docs/detection.md; docs/method.md, Findings 4 and 9
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1,
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75},
 }
 
@@ -340,7 +348,8 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
             report: DefenseReport, monitor: Monitor | None, progress: bool) -> None:
     """Steps 2 and 3 on ``model`` (the original weights): re-initialise the flagged rows, then fine-tune
     on the clean set with the cosine penalty (and, in the default preset, trigger unlearning toward the
-    ``targets`` classes and distillation) at ``lr``, with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
+    ``targets`` classes and distillation; the examined layer alone first, for ``cfg.probe_epochs``) at ``lr``,
+    with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
     held-out epoch when ``cfg.holdout`` sets a slice aside; stops at the first epoch whose loss is not finite."""
     protos = class_prototypes(model, layer, x, y, flagged, cfg.device) if cfg.reinit == "prototype" else None
     reinitialise(layer, flagged, gen, cfg.reinit, protos)
@@ -373,6 +382,18 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
 
     prefix = layer_name + "."
     wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
+    if cfg.probe_epochs > 0 and flagged:  # the linear probe: the backbone (weights and statistics) fixed, no gradient
+        backbone = [p for name, p in model.named_parameters() if not name.startswith(prefix) and p.requires_grad]
+        probe = TrainConfig(epochs=cfg.probe_epochs, lr=cfg.probe_lr, schedule="cosine", freeze_bn=True, weight_decay=wd,
+                            **shared_training(cfg))
+        try:
+            for p in backbone:
+                p.requires_grad_(False)
+            report.extra["probe_history"] = fit(model, x, y, probe, penalty=summed(penalties), desc="ULRL probe",
+                                                progress=progress).epochs
+        finally:
+            for p in backbone:
+                p.requires_grad_(True)
     train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
                         extra_bn_pass=cfg.relearn_extra_bn_pass, **shared_training(cfg))
     hist = fit(model, x, y, train, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn", progress=progress,
