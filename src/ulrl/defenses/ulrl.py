@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -382,21 +382,20 @@ def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor
 
     prefix = layer_name + "."
     wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
+    train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
+                        extra_bn_pass=cfg.relearn_extra_bn_pass, **shared_training(cfg))
+    loss = summed(penalties)
     if cfg.probe_epochs > 0 and flagged:  # the linear probe: the backbone (weights and statistics) fixed, no gradient
         backbone = [p for name, p in model.named_parameters() if not name.startswith(prefix) and p.requires_grad]
-        probe = TrainConfig(epochs=cfg.probe_epochs, lr=cfg.probe_lr, schedule="cosine", freeze_bn=True, weight_decay=wd,
-                            **shared_training(cfg))
+        probe = replace(train, epochs=cfg.probe_epochs, lr=cfg.probe_lr, freeze_bn=True, extra_bn_pass=False)
         try:
             for p in backbone:
                 p.requires_grad_(False)
-            report.extra["probe_history"] = fit(model, x, y, probe, penalty=summed(penalties), desc="ULRL probe",
-                                                progress=progress).epochs
+            report.extra["probe_history"] = fit(model, x, y, probe, penalty=loss, desc="ULRL probe", progress=progress).epochs
         finally:
             for p in backbone:
                 p.requires_grad_(True)
-    train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
-                        extra_bn_pass=cfg.relearn_extra_bn_pass, **shared_training(cfg))
-    hist = fit(model, x, y, train, penalty=summed(penalties), on_epoch=track, desc="ULRL relearn", progress=progress,
+    hist = fit(model, x, y, train, penalty=loss, on_epoch=track, desc="ULRL relearn", progress=progress,
                lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
     report.relearn_history = hist.epochs
     if best["state"] is not None:
