@@ -326,3 +326,15 @@ def test_rank_one_search_keeps_every_perturbation_of_rank_one():
     assert all(int(torch.linalg.matrix_rank(d[0])) <= 1 for d in u["deltas"])
     with pytest.raises(ValueError, match="rank"):
         universal_radii(_AllToAllTarget().eval(), x, y, K, UniversalConfig(rank=1, norm="linf"))
+
+
+def test_pull_reads_the_margin_curve_at_its_radius():
+    from ulrl.detection.universal import margin_at
+    log_r = [math.log(0.01), math.log(0.02), math.log(0.04)]
+    curves = [[-3.0, -2.0, -1.0],  # interpolated between its steps
+              [-1.0, 2.0, math.nan],  # stopped (reached) before the radius asked: its last margin, a lower bound
+              [math.nan] * 3]  # never searched
+    out = margin_at(log_r, curves, math.sqrt(0.02 * 0.04))
+    assert out[0] == pytest.approx(-1.5) and out[1] == 2.0 and math.isnan(out[2])
+    with pytest.raises(UserError, match="reads the universal search"):
+        ScanConfig(signals=("pull", "margin"))

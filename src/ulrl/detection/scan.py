@@ -3,7 +3,8 @@
 Each signal gives one statistic per class (``universal``: the radius of the smallest universal
 perturbation that sends the other classes' clean images to the class; ``margin``: the largest
 margin the class reaches; ``weight-change``: how far the class's classifier row moves when the
-clean accuracy is unlearned). :mod:`.stats` turns each into per-class p-values under the null
+clean accuracy is unlearned; ``pull``, read off the universal search: the mean margin toward the class that a
+universal perturbation of a fixed, sub-natural radius reaches). :mod:`.stats` turns each into per-class p-values under the null
 that, on a clean model, no class stands out from the others; the signals are combined per class
 (Fisher), and the all-to-one p-value is that of the most suspicious class, corrected for having
 looked at all of them. A rank test on the universal search's source x target radii looks for
@@ -28,11 +29,11 @@ from ..models import find_classifier
 from ..train import TrainConfig
 from . import stats
 from .margin import MarginConfig, max_margins
-from .universal import UniversalConfig, clean_gap, universal_radii
+from .universal import UniversalConfig, clean_gap, margin_at, universal_radii
 from .weight_change import two_looks
 
 SCHEMA_VERSION = 1
-SIGNALS = ("universal", "warp", "margin", "weight-change")
+SIGNALS = ("universal", "pull", "warp", "margin", "weight-change")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ScanConfig:
     # their smallest) or "mad"
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
     null_df_universal: float = math.inf
+    null_df_pull: float = 5.0  # Fisher's sum treats it as independent of the universal signal, whose search it reads
     null_df_warp: float = math.inf  # its own test; largest z over the 33 clean runs: 6.4 (p 0.028 before its share)
     null_df_margin: float = 3.0
     null_df_weight_change: float = 2.0
@@ -61,6 +63,8 @@ class ScanConfig:
     uap_step: float = 0.5
     uap_level: float = 0.9  # the statistic: radius at which this fraction of the other classes' images flip
     uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (8+ classes)
+    # the pull (read off the universal search): each class's mean margin at this fraction of the median class's radius
+    pull_ratio: float = 0.4
     # universal warps (a smooth displacement field; radius: RMS displacement of the control points, pixels)
     warp_grid: int = 8  # control points per axis (WaNet draws 4; 8 also fits finer fields)
     warp_min_px: float = 0.02
@@ -93,6 +97,10 @@ class ScanConfig:
         if self.verdict_signals is not None and (not set(self.verdict_signals) <= set(self.signals)
                                                  or not self.verdict_signals):
             raise UserError("verdict_signals must be a non-empty subset of signals")
+        if "pull" in self.signals and "universal" not in self.signals:
+            raise UserError("the pull signal reads the universal search: add 'universal' to the signals")
+        if not 0.0 < self.pull_ratio <= 1.0:
+            raise UserError(f"pull_ratio must be in (0, 1], got {self.pull_ratio}")
         if self.a2a_search not in ("pairwise", "universal"):
             raise UserError(f"a2a_search must be 'pairwise' or 'universal', got {self.a2a_search!r}")
         if self.z_scale not in stats.SCALES:
@@ -186,13 +194,29 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -
     u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
-    extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"]}
+    extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"],
+             "curve": (u["log_radii"], u["margins"])}
     if cfg.uap_adjust and k >= 8:  # what the clean data's closeness to each class explains is not evidence
         # (a robust line needs points to spare: with fewer than 8 classes it would pass through most of them)
         gap = clean_gap(model, x, y, k, cfg.device)
         extra.update(raw_score=score, clean_gap=gap)
         score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)
     return u["radius"], score, extra
+
+
+def _pull(curve: tuple[list[float], list[float]], radius: list[float], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
+    """The pull signal, from the universal search's margins: per class, the mean margin toward it of the other
+    classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
+    radius). There a clean model's classes are not reached yet and sit close together; a backdoor target is
+    already pulled in, its trigger half-formed. A measure of the whole curve at a fixed budget, where the universal
+    signal reads one noisy point (the radius at which 90% of five images per class flip)."""
+    log_radii, margins = curve
+    med = sorted(radius)[len(radius) // 2]
+    at = cfg.pull_ratio * (med if math.isfinite(med) else math.exp(log_radii[-1]))
+    m = margin_at(log_radii, margins, at)
+    lowest = min((v for v in m if math.isfinite(v)), default=0.0)
+    m = [v if math.isfinite(v) else lowest for v in m]
+    return m, m, {"radius": at}
 
 
 def _pairwise(model, x, y, k, cfg: ScanConfig, progress: bool) -> dict:
@@ -305,11 +329,15 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     frozen = _frozen(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
-    perturbations = warps = None
-    for name in cfg.signals:
+    perturbations = warps = curve = None
+    for name in (s for s in SIGNALS if s in cfg.signals):  # the pull reads the universal search: it runs first
         t0 = time.perf_counter()
         target = model if name == "weight-change" else frozen  # weight change trains a copy of its own
-        statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
+        if name == "pull":
+            statistic, score, extra = _pull(curve, evidence["universal"].statistic, cfg)
+        else:
+            statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
+            curve = extra.pop("curve", curve)
         perturbations = extra.pop("perturbations", perturbations)
         warps = extra.pop("warps", warps)
         test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0), cfg.z_scale)

@@ -151,6 +151,7 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     steps = math.ceil(math.log(cfg.max_rms / cfg.min_rms) / math.log(cfg.growth)) + 1
     log_r = torch.tensor([math.log(cfg.min_rms * cfg.growth**i) for i in range(steps)])
     frac = torch.full((steps, k), math.nan)  # fraction of other classes' images reaching t
+    margin = torch.full((steps, k), math.nan)  # their mean margin toward t (logit_t - the largest other logit)
     first = torch.full((k, n), float(steps))  # per target and image: the first step at which the image reached it
     pair_frac = torch.full((steps, k, k), math.nan)  # [step, source, target]
     active = torch.ones(k, dtype=torch.bool)
@@ -170,16 +171,18 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
             xb = (xs[None] + (d if cfg.per_image else d[:, None])).clamp(0, 1).flatten(0, 1)
         tb = live.to(device).repeat_interleave(n)
         weight = others[live].flatten().float()
-        preds, grads = [], torch.zeros_like(d)
+        preds, margins, grads = [], [], torch.zeros_like(d)
         for j in range(0, len(tb), cfg.batch_size):  # chunks: the batch is (live classes) x n images
             sl = slice(j, j + cfg.batch_size)
             out = model(xb[sl])
             loss = (F.cross_entropy(out, tb[sl], reduction="none") * weight[sl]).sum()
             grads += torch.autograd.grad(loss, d, retain_graph=j + cfg.batch_size < len(tb))[0]
             preds.append(out.argmax(1).detach())
+            margins.append(_margin(out.detach().float(), tb[sl]))
         with torch.no_grad():
             hit = (torch.cat(preds).view(len(live), n) == live.to(device)[:, None]).float()
             frac[i, live] = ((hit * others[live]).sum(1) / others[live].sum(1)).cpu()
+            margin[i, live] = ((torch.cat(margins).view(len(live), n) * others[live]).sum(1) / others[live].sum(1)).cpu()
             first[live] = torch.where((hit.cpu() > 0) & (first[live] > i), float(i), first[live])
             pair_frac[i][:, live] = (source @ hit.T).cpu()
             flat = 2 if cfg.per_image or cfg.pairwise else 1
@@ -202,4 +205,31 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)] for q in (0.25, 0.5, 0.75, 0.9)}
     pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, cfg.flip))
              for t in range(k)] for s in range(k)]
-    return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n, "steps": used, "levels": levels}
+    return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n,
+            "steps": used, "levels": levels, "log_radii": log_r.tolist(), "margins": margin[:used].T.tolist()}
+
+
+def _margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row: ``logit_target - max_{j != target} logit_j``."""
+    t = logits.gather(1, target[:, None])[:, 0]
+    return t - logits.scatter(1, target[:, None], -math.inf).max(1).values
+
+
+def margin_at(log_radii: list[float], margins: list[list[float]], radius: float) -> list[float]:
+    """Per class, the mean margin its perturbation reached at ``radius`` (interpolated in log radius between the
+    search's steps); a class whose search stopped before ``radius`` (it was reached: every later margin would be
+    larger) keeps its last one, a lower bound."""
+    lr, out = math.log(radius), []
+    for m in margins:
+        pts = [(a, b) for a, b in zip(log_radii, m, strict=True) if not math.isnan(b)]
+        if not pts:
+            out.append(math.nan)
+            continue
+        below = [p for p in pts if p[0] <= lr]
+        above = [p for p in pts if p[0] > lr]
+        if not below or not above:
+            out.append((below or above)[-1 if below else 0][1])
+            continue
+        (a0, b0), (a1, b1) = below[-1], above[0]
+        out.append(b0 + (lr - a0) / (a1 - a0) * (b1 - b0))
+    return out
