@@ -22,7 +22,14 @@ from ulrl.bench import collect_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
-from ulrl.detection.scan import ScanConfig, _frozen, _pull, _universal, config_from_parameters, decide
+from ulrl.detection.scan import (
+    ScanConfig,
+    _frozen,
+    _pull,
+    _universal,
+    config_from_parameters,
+    decide,
+)
 from ulrl.pipeline import select_clean
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -67,7 +74,7 @@ def verdicts(root: str, scores: str) -> None:
                 test = stats.outlier_test(pulls[key(r)][ratio], df, 0.0, "trimmed")
                 if alone:
                     p, pm, cfg = {"pull": test["p"]}, {"pull": test["p_model"]}, dataclasses.replace(
-                        cfg, signals=("pull",), verdict_signals=None, all_to_all_share=0.0, warp_share=0.0)
+                        cfg, signals=("universal", "pull"), verdict_signals=("pull",), all_to_all_share=0.0, warp_share=0.0)
                 else:
                     p["pull"], pm["pull"] = test["p"], test["p_model"]
                     cfg = dataclasses.replace(cfg, signals=tuple(p), verdict_signals=None)
@@ -82,7 +89,8 @@ def verdicts(root: str, scores: str) -> None:
         clean = sum(t is None for t, _, _ in out.values())
         print(f"{'no pull' if ratio is None else ('pull alone' if alone else 'with pull')} ratio {ratio} null df {df}: "
               f"target found {found}/{targets}, all-to-all {a2a}/{sum(t == 'all' for t, _, _ in out.values())}, "
-              f"clean class also suspected {other}, false positives {fp}/{clean}")
+              f"clean class also suspected {other}, false positives {fp}/{clean}"
+              + (f" (their p {min(cp):.2g} to {max(cp):.2g})" if (cp := [pv for t, _, pv in out.values() if t is None]) else ""))
         return out
 
     base = run(None, math.inf)

@@ -128,7 +128,9 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     ``cfg.max_rms`` (``mean_log_radius``), and per (source, target) the radius at which that
     source's images do (``pair_radius[s][t]``); ``inf`` where the search stopped first (it stops for
     a class once the class is reached). Also the final perturbations (``deltas``: K x C x H x W, K x K x C x H x W
-    per (target, source) with ``pairwise``, or K x 2 x g x g displacement fields for ``transform="warp"``)."""
+    per (target, source) with ``pairwise``, or K x 2 x g x g displacement fields for ``transform="warp"``), and at
+    every radius searched (``log_radii``) each class's mean margin toward it over those images (``margins``: K lists,
+    ``nan`` once the class's search stopped), which the scan's pull signal reads."""
     if cfg.transform not in ("add", "warp") or (cfg.transform == "warp" and (cfg.per_image or cfg.pairwise or cfg.norm != "l2")):
         raise ValueError(f"transform must be 'add', or 'warp' with the l2 norm and one field per class, got {cfg}")
     if cfg.per_image and cfg.pairwise:
