@@ -338,3 +338,20 @@ def test_pull_reads_the_margin_curve_at_its_radius():
     assert out[0] == pytest.approx(-1.5) and out[1] == 2.0 and math.isnan(out[2])
     with pytest.raises(UserError, match="reads the universal search"):
         ScanConfig(signals=("pull", "margin"))
+
+
+def test_universal_score_and_pull_are_means_over_draws(planted):
+    models, x, y = planted
+    cfg = dict(FAST, signals=("universal", "pull"), uap_adjust=False, all_to_all_share=0.0)
+    one = scan(models["backdoored"], x, y, ScanConfig(**cfg, uap_draws=1), progress=False)
+    two = scan(models["backdoored"], x, y, ScanConfig(**cfg, uap_draws=2), progress=False)
+    u, pull = two.signals["universal"], two.signals["pull"]
+    assert u.extra["draw_scores"][0] == one.signals["universal"].score  # draw 0 is the single-draw search
+    assert u.extra["draw_scores"][1] != u.extra["draw_scores"][0]  # another draw of images
+    assert u.score == pytest.approx([(a + b) / 2 for a, b in zip(*u.extra["draw_scores"], strict=True)])
+    assert u.statistic == pytest.approx([math.exp(-s) for s in u.score])  # the geometric mean radius
+    assert pull.extra["draw_pulls"][0] == one.signals["pull"].score
+    assert pull.score == pytest.approx([(a + b) / 2 for a, b in zip(*pull.extra["draw_pulls"], strict=True)])
+    assert "draw_scores" not in one.signals["universal"].extra
+    with pytest.raises(UserError, match="uap_draws"):
+        ScanConfig(uap_draws=0)

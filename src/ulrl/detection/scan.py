@@ -57,6 +57,7 @@ class ScanConfig:
     null_df_weight_change: float = 2.0
     # universal perturbations
     uap_per_class: int = 5  # clean images per source class
+    uap_draws: int = 1  # independent draws of those images, one search each; a class's score and pull: their mean (docs/detection.md: 4 did not help)
     uap_min_rms: float = 0.006
     uap_max_rms: float = 0.5
     uap_growth: float = 1.15
@@ -99,6 +100,8 @@ class ScanConfig:
             raise UserError("verdict_signals must be a non-empty subset of signals")
         if "pull" in self.signals and "universal" not in self.signals:
             raise UserError("the pull signal reads the universal search: add 'universal' to the signals")
+        if self.uap_draws < 1:
+            raise UserError(f"uap_draws must be at least 1, got {self.uap_draws}")
         if not 0.0 < self.pull_ratio <= 1.0:
             raise UserError(f"pull_ratio must be in (0, 1], got {self.pull_ratio}")
         if self.a2a_search not in ("pairwise", "universal"):
@@ -116,7 +119,7 @@ class ScanConfig:
 def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> ScanConfig:
     """The :class:`ScanConfig` that a scan.json's ``parameters`` record (JSON lists back to tuples, a
     null tail back to the normal null it stood for), with ``overrides``; unknown keys are ignored."""
-    kw = {"z_scale": "mad", "a2a_search": "universal"}  # what scans written before these options existed used
+    kw = {"z_scale": "mad", "a2a_search": "universal", "uap_draws": 1}  # what scans written before these options used
     for f in fields(ScanConfig):
         if f.name in parameters:
             v = parameters[f.name]
@@ -189,34 +192,56 @@ def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalC
     return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, **kw)
 
 
+DRAW_SEED_STRIDE = 1000  # draw j of the universal search samples its images with seed + j * stride
+
+
 def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -> tuple[list[float], list[float], dict]:
-    """The universal signal; ``search``: other settings of its search (``rank=1``: scripts/lowrank_study.py)."""
-    u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
-                        seed=cfg.seed, device=cfg.device, progress=progress)
-    score = [-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]]
+    """The universal signal. The search sees five images per class, a small sample of the clean set, so one search's
+    radius is noisy (on a clean model one class in fifteen runs stood out at z 9). It is run on ``uap_draws``
+    independent draws of images (seeds ``seed + j * DRAW_SEED_STRIDE``; draw 0 is the single-draw scan) and each
+    class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean radius. The
+    perturbations and the per-source radii are draw 0's. ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
+    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
+                             seed=cfg.seed + j * DRAW_SEED_STRIDE, device=cfg.device, progress=progress)
+             for j in range(cfg.uap_draws)]
+    per_draw = [[-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]] for u in draws]
+    score = [sum(col) / len(col) for col in zip(*per_draw, strict=True)]  # -inf (never reached in a draw) stays
+    u = draws[0]
+    radius = u["radius"] if len(draws) == 1 else [math.exp(-v) for v in score]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"],
-             "curve": (u["log_radii"], u["margins"])}
+             "curves": [(d["log_radii"], d["margins"], d["radius"]) for d in draws]}
+    if cfg.uap_draws > 1:
+        extra["draw_scores"] = per_draw
     if cfg.uap_adjust and k >= 8:  # what the clean data's closeness to each class explains is not evidence
         # (a robust line needs points to spare: with fewer than 8 classes it would pass through most of them)
         gap = clean_gap(model, x, y, k, cfg.device)
         extra.update(raw_score=score, clean_gap=gap)
         score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)
-    return u["radius"], score, extra
+    return radius, score, extra
 
 
-def _pull(curve: tuple[list[float], list[float]], radius: list[float], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
-    """The pull signal, from the universal search's margins: per class, the mean margin toward it of the other
-    classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
-    radius). There a clean model's classes are not reached yet and sit close together; a backdoor target is
-    already pulled in, its trigger half-formed. A measure of the whole curve at a fixed budget, where the universal
-    signal reads one noisy point (the radius at which 90% of five images per class flip)."""
-    log_radii, margins = curve
+def pull_of_draw(log_radii: list[float], margins: list[list[float]], radius: list[float], ratio: float) -> tuple[list[float], float]:
+    """One universal search's pull: per class, the mean margin toward it of the other classes' images at ``ratio``
+    times the median class's radius (a class never measured there gets the lowest margin); and that radius."""
     med = sorted(radius)[len(radius) // 2]
-    at = cfg.pull_ratio * (med if math.isfinite(med) else math.exp(log_radii[-1]))
+    at = ratio * (med if math.isfinite(med) else math.exp(log_radii[-1]))
     m = margin_at(log_radii, margins, at)
     lowest = min((v for v in m if math.isfinite(v)), default=0.0)
-    m = [v if math.isfinite(v) else lowest for v in m]
-    return m, m, {"radius": at}
+    return [v if math.isfinite(v) else lowest for v in m], at
+
+
+def _pull(curves: list[tuple[list[float], list[list[float]], list[float]]], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
+    """The pull signal, from the universal searches' margins: per class, the mean margin toward it of the other
+    classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
+    radius, in each draw), averaged over the draws. There a clean model's classes are not reached yet and sit close
+    together; a backdoor target is already pulled in, its trigger half-formed. A measure of the whole curve at a fixed
+    budget, where the universal signal reads one noisy point (the radius at which 90% of five images per class flip)."""
+    draws = [pull_of_draw(*c, cfg.pull_ratio) for c in curves]
+    m = [sum(col) / len(col) for col in zip(*(d[0] for d in draws), strict=True)]
+    extra: dict[str, Any] = {"radius": [d[1] for d in draws]}
+    if len(draws) > 1:
+        extra["draw_pulls"] = [d[0] for d in draws]
+    return m, m, extra
 
 
 def _pairwise(model, x, y, k, cfg: ScanConfig, progress: bool) -> dict:
@@ -329,15 +354,15 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     frozen = _frozen(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
-    perturbations = warps = curve = None
+    perturbations = warps = curves = None
     for name in (s for s in SIGNALS if s in cfg.signals):  # the pull reads the universal search: it runs first
         t0 = time.perf_counter()
         target = model if name == "weight-change" else frozen  # weight change trains a copy of its own
         if name == "pull":
-            statistic, score, extra = _pull(curve, evidence["universal"].statistic, cfg)
+            statistic, score, extra = _pull(curves, cfg)
         else:
             statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
-            curve = extra.pop("curve", curve)
+            curves = extra.pop("curves", curves)
         perturbations = extra.pop("perturbations", perturbations)
         warps = extra.pop("warps", warps)
         test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0), cfg.z_scale)
