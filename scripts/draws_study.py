@@ -25,8 +25,13 @@ from lowrank_study import key  # noqa: E402
 from signal_study import _truth  # noqa: E402
 
 
+def _row(values: list[float | None]) -> list[float]:
+    """A stored row with JSON's null (a class never reached) back to -inf."""
+    return [-math.inf if v is None else v for v in values]
+
+
 def _mean(rows: list[list[float | None]]) -> list[float]:
-    return [sum(-math.inf if v is None else v for v in col) / len(rows) for col in zip(*rows, strict=True)]
+    return [sum(col) / len(rows) for col in zip(*map(_row, rows), strict=True)]
 
 
 def _adjusted(u: dict, score: list[float]) -> list[float]:
@@ -42,8 +47,8 @@ def recompute(scan: dict, d: int, how: str = "score") -> tuple[dict, dict]:
     pm = {s: e["p_model"] for s, e in sig.items()}
     z = {}
     u = sig["universal"]["extra"]
-    draws = {"universal": [_adjusted(u, _mean([row])) for row in u["draw_scores"][:d]],
-             "pull": [_mean([row]) for row in sig["pull"]["extra"]["draw_pulls"][:d]]}
+    draws = {"universal": [_adjusted(u, _row(row)) for row in u["draw_scores"][:d]],
+             "pull": [_row(row) for row in sig["pull"]["extra"]["draw_pulls"][:d]]}
     for name, rows in draws.items():
         if how == "score":
             values = _adjusted(u, _mean(u["draw_scores"][:d])) if name == "universal" else _mean(rows)

@@ -196,11 +196,11 @@ DRAW_SEED_STRIDE = 1000  # draw j of the universal search samples its images wit
 
 
 def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -> tuple[list[float], list[float], dict]:
-    """The universal signal. The search sees five images per class, a small sample of the clean set, so one search's
-    radius is noisy (on a clean model one class in fifteen runs stood out at z 9). It is run on ``uap_draws``
-    independent draws of images (seeds ``seed + j * DRAW_SEED_STRIDE``; draw 0 is the single-draw scan) and each
-    class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean radius. The
-    perturbations and the per-source radii are draw 0's. ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
+    """The universal signal. The search sees five images per class, so one search's radius is noisy. It is run on
+    ``uap_draws`` independent draws of images (seeds ``seed + j * DRAW_SEED_STRIDE``; draw 0 is the default, single
+    search) and each class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean
+    radius. The perturbations and the per-source radii are draw 0's. More draws did not help on the benchmark
+    (docs/detection.md, "Draws of the universal search"). ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
     draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
                              seed=cfg.seed + j * DRAW_SEED_STRIDE, device=cfg.device, progress=progress)
              for j in range(cfg.uap_draws)]
