@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from ulrl.bench import DefenseSpec, Grid, collect, collect_scans, load_grid, plan, run_grid
+from ulrl.bench import (
+    DefenseSpec,
+    Grid,
+    collect,
+    collect_scans,
+    load_grid,
+    plan,
+    run_grid,
+    scans_from_cells,
+)
 from ulrl.errors import UserError
-from ulrl.report import NO_DEFENSE, csv_text, summary, tables, write_report
+from ulrl.report import NO_DEFENSE, csv_text, detection_markdown, summary, tables, write_report
 
 TINY = dict(datasets=["synthetic"], attacks=["badnets:patch_size=2"], epochs=1, seeds=[0], scan=False,
             defenses=["ulrl@paper:unlearn_epochs=1,relearn_epochs=1"])
@@ -159,6 +168,23 @@ def test_grid_scans_clean_seeds_and_per_entry_seeds(tmp_path):
         Grid(**{**TINY, "attacks": [{"name": "none", "seeds": []}]})
     with pytest.raises(UserError, match="scan"):
         Grid(**{**TINY, "scan_set": {"alpha": 3}})
+
+
+def test_report_reads_the_scans_ulrl_cells_ran():
+    """``--no-scan``: the detection table comes from the scans the ULRL default cells ran (one defense's cells)."""
+    def cell(defense, attack, spec, clean_seed, suspected, verdict):
+        scan = {"suspected": suspected, "p_value": 0.001 if verdict == "backdoored" else 0.4, "verdict": verdict,
+                "kind": "all-to-one", "alpha": 0.05}
+        return {"dataset": "d", "model": "m", "attack": attack, "attack_key": attack, "attack_spec": spec, "clean_ratio": 0.01,
+                "seed": 0, "clean_seed": clean_seed, "defense": defense, "report": {"extra": {"scan": scan}}}
+    records = [cell("ulrl", "badnets:target=3", {"name": "badnets", "target": 3}, c, [3], "backdoored") for c in (0, 1)]
+    records += [cell("ulrl:alpha=0.1", "badnets:target=3", {"name": "badnets", "target": 3}, 0, [5], "backdoored"),
+                cell("ulrl", "none", None, 0, [], "no evidence"), {"defense": "ft", "report": {"extra": {}}}]
+    scans = scans_from_cells(records)
+    assert len(scans) == 3 and {s["scan_source"] for s in scans} == {"ulrl"}
+    text = detection_markdown(scans)
+    assert "### Detection (the scans the ulrl cells ran)" in text and "| badnets:target=3 | 3 | 2 | 2/2 | 0 |" in text
+    assert "Clean models: verdict 'backdoored' in 0 of 1 runs" in text and scans_from_cells(records[-1:]) == []
 
 
 def test_preset_extends_another():

@@ -563,6 +563,19 @@ def collect_scans(root: str | Path) -> list[dict[str, Any]]:
     return _read_records(Path(root) / "scans")
 
 
+def scans_from_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scans that ULRL cells ran themselves (``detect=scan``: the default preset), as scan records: what the
+    report's detection table reads when the grid ran no separate scans (``--no-scan``). One defense's cells: the first
+    label, in sorted order, whose cells carry a scan; each record names it in ``scan_source``."""
+    scanned = [r for r in records if "scan" in r.get("report", {}).get("extra", {})]
+    if not scanned:
+        return []
+    label = min(r["defense"] for r in scanned)
+    keys = ("dataset", "model", "attack", "attack_key", "attack_spec", "clean_ratio", "seed", "clean_seed")
+    return [{**{k: r.get(k) for k in keys}, "scan": r["report"]["extra"]["scan"], "scan_source": label}
+            for r in scanned if r["defense"] == label]
+
+
 def _read_records(folder: Path) -> list[dict[str, Any]]:
     records = []
     for p in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
@@ -582,4 +595,4 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = ["Cell", "DefenseSpec", "Grid", "ModelJob", "ScanJob", "Summary", "Work", "collect", "collect_scans",
-           "defense_entry", "load_grid", "plan", "run_cell", "run_grid", "run_scan", "train_job"]
+           "defense_entry", "load_grid", "plan", "run_cell", "run_grid", "run_scan", "scans_from_cells", "train_job"]

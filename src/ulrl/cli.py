@@ -458,10 +458,11 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .bench import collect, collect_scans
+    from .bench import collect, collect_scans, scans_from_cells
     from .report import write_report
 
-    records, scans = collect(args.results), collect_scans(args.results)
+    records = collect(args.results)
+    scans = collect_scans(args.results) or scans_from_cells(records)  # --no-scan: the scans the ULRL cells ran
     md = write_report(records, args.out or Path(args.results) / "report", args.name, args.header, scans)
     print(f"{len(records)} cells, {len(scans)} scans; wrote {md} with its tables and plots in {md.with_suffix('')}/")
     return 0

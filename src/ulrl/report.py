@@ -187,7 +187,8 @@ def detection_markdown(scans: list[dict[str, Any]]) -> str:
     rows: dict[tuple, list[dict]] = defaultdict(list)
     for r in scans:
         rows[(r["dataset"], r["model"], r["clean_ratio"], r["attack"], _target_of(r.get("attack_spec")))].append(r)
-    lines = ["### Detection (ulrl scan)", "",
+    source = scans[0].get("scan_source")
+    lines = [f"### Detection ({f'the scans the {source} cells ran' if source else 'ulrl scan'})", "",
              "Per model and clean set: the verdict's p-value and the suspected classes. *Found*: the true target "
              "is among the suspected classes (all-to-all: the scan says all-to-all).", "",
              "| attack | target | runs | found | clean class suspected | p-values | suspected |", "|---|---|---|---|---|---|---|"]

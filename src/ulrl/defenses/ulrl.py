@@ -19,9 +19,9 @@ natural attractor classes and on clean models, so the default asks a calibrated 
 classes a backdoor serves, re-initialises exactly those rows, and leaves a model with no evidence
 of a backdoor untouched. Its repair (docs/method.md, Finding 4) scales each re-initialised
 (random) row to the norm and bias of the other rows (``reinit="matched"``), floors the cosine
-penalty (``cos_margin``), and relearns with half of the scan's universal perturbation toward
-each flagged class added to clean images under their true labels (``trigger_unlearn``,
-``trigger_scale``), which takes the backdoor out of the features as well as the row. It relearns
+penalty (``cos_margin``), and relearns with the scan's universal perturbation toward each
+flagged class added to clean images under their true labels (``trigger_unlearn``,
+``trigger_scale``; Findings 4 and 10), which takes the backdoor out of the features as well as the row. It relearns
 with the original model's BatchNorm statistics (``freeze_bn``: with batch statistics, a batch of
 perturbed images is normalised back toward clean ones and the shortcut survives in eval mode), at
 a lower learning rate (0.002: without batch normalisation the paper's 0.005 overshoots), and
@@ -151,7 +151,7 @@ def paper_preset(dataset: str | None) -> dict:
 PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Findings 4 and 9
-    "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 0.5,
+    "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
                 "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75},
 }
