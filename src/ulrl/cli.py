@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=_seed, default=None, help="training seeds of the models")
     p.add_argument("--clean-seeds", nargs="+", type=_seed, default=None,
                    help="clean-set seeds: every model is scanned and defended with each (default: its training seed)")
-    p.add_argument("--no-scan", action="store_true", help="skip the detection scan of each model and clean set")
+    p.add_argument("--no-scan", action="store_true", help="skip the separate detection scan of each model and clean set (the ULRL default cells scan anyway; `ulrl report` then reads their scans)")
     p.add_argument("--epochs", type=int, default=None, help="poisoned-training epochs (default 5)")
     p.add_argument("--data-dir", default=None, help="directory of the (single) dataset, if not in its standard place")
     p.add_argument("--device", default=None, type=_device, help="cpu or cuda")
