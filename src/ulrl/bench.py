@@ -570,10 +570,8 @@ def scans_from_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     scanned = [r for r in records if "scan" in r.get("report", {}).get("extra", {})]
     if not scanned:
         return []
-    label = min(r["defense"] for r in scanned)
-    keys = ("dataset", "model", "attack", "attack_key", "attack_spec", "clean_ratio", "seed", "clean_seed")
-    return [{**{k: r.get(k) for k in keys}, "scan": r["report"]["extra"]["scan"], "scan_source": label}
-            for r in scanned if r["defense"] == label]
+    label = min(r["defense"] for r in scanned)  # a cell's record starts with the scan's header (_job_header)
+    return [{**r, "scan": r["report"]["extra"]["scan"], "scan_source": label} for r in scanned if r["defense"] == label]
 
 
 def _read_records(folder: Path) -> list[dict[str, Any]]:
