@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
 from ulrl.detection.scan import _df, config_from_parameters, decide
 
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--how", choices=("score", "z"), default="score",
                     help="average the draws' scores (the scan's way) or their z-scores (p from the single-draw null)")
     a = ap.parse_args()
-    records = [r for root in a.results for r in collect_scans(root) if "draw_scores" in r["scan"]["signals"]["universal"]["extra"]]
+    records = [r for root in a.results for r in benchmark_scans(root) if "draw_scores" in r["scan"]["signals"]["universal"]["extra"]]
     if not records:
         raise SystemExit("no scan with several draws of the universal search under " + ", ".join(a.results))
     draws = min(len(r["scan"]["signals"]["universal"]["extra"]["draw_scores"]) for r in records)

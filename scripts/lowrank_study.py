@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
@@ -45,7 +45,7 @@ def key(r: dict) -> str:
 def search(root: str, out: str) -> None:
     data = {}
     with open(out, "a") as f:
-        for r in collect_scans(root):
+        for r in benchmark_scans(root):
             name = r["dataset"]
             data.setdefault(name, load_dataset(name))
             ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
@@ -61,7 +61,7 @@ def search(root: str, out: str) -> None:
 
 def verdicts(root: str, scores: str) -> None:
     low_rank = {d["run"]: d["score"] for d in map(json.loads, open(scores))}
-    records = [r for r in collect_scans(root) if key(r) in low_rank]
+    records = [r for r in benchmark_scans(root) if key(r) in low_rank]
     floor = search_resolution(ScanConfig())  # unreached classes tie at the cap
 
     def run(how: str, df: float) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.defenses.nc import NCConfig, reverse_engineer
@@ -44,7 +44,7 @@ def _key(rec: dict) -> tuple:
 def collect(root: Path, out: Path, part: int, parts: int) -> None:
     data = load_dataset("fashion-mnist")
     with out.open("a") as f:
-        for n, rec in enumerate(sorted(collect_scans(root), key=_key)):
+        for n, rec in enumerate(sorted(benchmark_scans(root), key=_key)):
             if n % parts != part:
                 continue
             path = root / "models" / rec["dataset"] / rec["model"] / rec["attack_key"] / f"seed{rec['seed']}.safetensors"
@@ -89,7 +89,7 @@ def verdict(scan: dict, score: list[float], mode: str, df: float, share: float) 
 
 def report(root: Path, scores: Path, adjust: bool = False) -> None:
     rows = {tuple(r["key"]): r for r in map(json.loads, scores.open())}
-    recs = [r for r in sorted(collect_scans(root), key=_key) if _key(r) in rows]
+    recs = [r for r in sorted(benchmark_scans(root), key=_key) if _key(r) in rows]
     for mode, df, share in SETTINGS:
         c = {"found": 0, "targets": 0, "a2a": 0, "a2a_runs": 0, "extra": 0, "fp": 0, "clean": 0, "alone_fp": 0}
         missed, z_clean, z_target = [], [], []

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
@@ -43,7 +43,7 @@ def search(root: str, out: str) -> None:
     done = {json.loads(line)["run"] for line in open(out)} if Path(out).exists() else set()
     data = {}
     with open(out, "a") as f:
-        for r in collect_scans(root):
+        for r in benchmark_scans(root):
             if key(r) in done:
                 continue
             name = r["dataset"]
@@ -61,7 +61,7 @@ def search(root: str, out: str) -> None:
 
 def verdicts(root: str, scores: str) -> None:
     pulls = {d["run"]: d["pull"] for d in map(json.loads, open(scores))}
-    records = [r for r in collect_scans(root) if key(r) in pulls]
+    records = [r for r in benchmark_scans(root) if key(r) in pulls]
 
     def run(ratio: str | None, df: float, alone: bool = False) -> dict:
         out = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import scan
@@ -46,7 +46,7 @@ def main() -> None:
     data = load_dataset("fashion-mnist")
     counts = {"found": 0, "targets": 0, "a2a": 0, "a2a_runs": 0, "extra": 0, "fp": 0, "clean": 0}
     root = Path(args.results)
-    for rec in sorted(collect_scans(root), key=lambda r: (r["attack_key"], r["seed"], r["clean_seed"])):
+    for rec in sorted(benchmark_scans(root), key=lambda r: (r["attack_key"], r["seed"], r["clean_seed"])):
         if prefixes and not any(rec["attack_key"].startswith(p) for p in prefixes):
             continue
         old = rec["scan"]

@@ -20,7 +20,7 @@ import argparse
 import itertools
 import math
 
-from ulrl.bench import collect_scans
+from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
 from ulrl.detection.scan import config_from_parameters, decide, search_resolution
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--z-scale", choices=stats.SCALES, help="recompute every signal's z and p with this yardstick")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --z-scale: e.g. null_df_weight_change=2")
     args = ap.parse_args()
-    records = [r for d in args.results for r in collect_scans(d)]
+    records = [r for d in args.results for r in benchmark_scans(d)]
     if args.z_scale:
         overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
         records = [{**r, "scan": _rescaled(r["scan"], args.z_scale, overrides)} for r in records]
@@ -84,6 +84,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for n in range(1, len(names) + 1):
         for subset in itertools.combinations(names, n):
+            if "pull" in subset and "universal" not in subset:
+                continue  # the pull reads the universal search
             found = total = a2a_found = a2a_total = extra = fp = clean = 0
             for r in records:
                 truth = _truth(r.get("attack_spec"))

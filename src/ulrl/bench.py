@@ -571,7 +571,21 @@ def scans_from_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not scanned:
         return []
     label = min(r["defense"] for r in scanned)  # a cell's record starts with the scan's header (_job_header)
-    return [{**r, "scan": r["report"]["extra"]["scan"], "scan_source": label} for r in scanned if r["defense"] == label]
+    return [{**r, "scan": _as_scan_json(r["report"]["extra"]["scan"]), "scan_source": label}
+            for r in scanned if r["defense"] == label]
+
+
+def _as_scan_json(scan: dict[str, Any]) -> dict[str, Any]:
+    """A scan as the defense report stores it (``ScanResult.to_dict``), keyed as ``scan.json`` is (``parameters``)."""
+    out = dict(scan)
+    if "config" in out:
+        out["parameters"] = out.pop("config")
+    return out
+
+
+def benchmark_scans(root: str | Path) -> list[dict[str, Any]]:
+    """The scans of a results directory: the grid's own, else the ones its ULRL cells ran (``--no-scan``)."""
+    return collect_scans(root) or scans_from_cells(collect(root))
 
 
 def _read_records(folder: Path) -> list[dict[str, Any]]:
@@ -593,4 +607,4 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = ["Cell", "DefenseSpec", "Grid", "ModelJob", "ScanJob", "Summary", "Work", "collect", "collect_scans",
-           "defense_entry", "load_grid", "plan", "run_cell", "run_grid", "run_scan", "scans_from_cells", "train_job"]
+           "benchmark_scans", "defense_entry", "load_grid", "plan", "run_cell", "run_grid", "run_scan", "scans_from_cells", "train_job"]
