@@ -1,47 +1,109 @@
-"""The universal signal at other flip levels (docs/detection.md, "What still fails").
+"""The universal signal's flip level (docs/detection.md, "The level"): measured over every scan a benchmark stored.
 
-    python scripts/level_study.py CLEAN_SEEDS CKPT [CKPT ...]     # e.g. 0,1,2 runs/.../sig-a043eb/seed0.safetensors
+    python scripts/level_study.py RESULTS_DIR --out LEVELS.jsonl     # run the universal search again, keep its levels
+    python scripts/level_study.py RESULTS_DIR --scores LEVELS.jsonl  # the verdicts at each level
 
-Per checkpoint and clean-set seed, runs the universal search once and prints, for the radius at
-which 50% and 90% of the other classes' images flip (and averages over levels, and the mean log
-radius), the reachability-adjusted z at the true target, the largest z and its class.
+The universal statistic is the radius at which a fraction (the level) of the other classes' images has flipped to a
+class. One search gives every level up to the one it stops at (``uap_level``, 0.9). For every scan stored by ``ulrl
+bench`` (a grid's scans, or the ones its ULRL cells ran), this runs the scan's universal search again on the same
+model and clean set (same images, same seed) and keeps the radius at 0.25, 0.5, 0.75 and 0.9; then, per level,
+recomputes the default verdict from the stored p-values of the other signals plus the universal signal's at that
+level (reachability-adjusted as the scan does, default yardstick). Prints per level: targets found, all-to-all found,
+clean classes also suspected, false positives, the smallest p of a clean model, the largest universal z on a clean
+model, the three largest p of backdoored models; then the runs whose suspected classes differ from level 0.9's.
 """
+
+import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
+from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
-from ulrl.detection.universal import UniversalConfig, clean_gap, universal_radii
+from ulrl.detection.scan import ScanConfig, _frozen, _search, config_from_parameters, decide
+from ulrl.detection.universal import universal_radii
 from ulrl.pipeline import select_clean
 
+sys.path.insert(0, str(Path(__file__).parent))
+from lowrank_study import key  # noqa: E402
+from signal_study import _rescaled, _truth  # noqa: E402
 
-def _z(score, gap, t):
-    """(z at the target, largest z, its class) of the reachability-adjusted score."""
-    adj = stats.theil_sen_residual([-g for g in gap], score)[0]
-    z = stats.outlier_test(adj, math.inf)["z"]
-    return (round(z[t], 1) if t is not None else None, round(max(z), 1), z.index(max(z)))
-
-
-def _levels(u, qs):
-    """Per class: -log radius averaged over the flip levels ``qs`` (-5 where never reached)."""
-    return [sum(-math.log(u["levels"][q][c]) if math.isfinite(u["levels"][q][c]) else -5 for q in qs) / len(qs)
-            for c in range(len(u["radius"]))]
+LEVELS = ("0.25", "0.5", "0.75", "0.9")
 
 
-data = load_dataset("fashion-mnist")
-seeds = [int(s) for s in sys.argv[1].split(",")]
-for ck in sys.argv[2:]:
-    model, meta, _ = load_checkpoint(ck)
-    model.eval().requires_grad_(False)
-    t = (meta.get("attack") or {}).get("target")
-    for s in seeds:
-        idx = select_clean(data, 0.01, None, s)
-        x, y = data.train_x[idx], data.train_y[idx]
-        u = universal_radii(model, x, y, 10, UniversalConfig(5, 0.006, 0.5, 1.15, 0.5, flip=0.9, stop=0.9), seed=s)
-        gap = clean_gap(model, x, y, 10)
-        row = {name: _z(sc, gap, t) for name, sc in (
-            ("avg579", _levels(u, ["0.5", "0.75", "0.9"])), ("avg2579", _levels(u, ["0.25", "0.5", "0.75", "0.9"])),
-            ("meanlog", [-v for v in u["mean_log_radius"]]), ("0.5", _levels(u, ["0.5"])), ("0.9", _levels(u, ["0.9"])))}
-        print(ck.split("/")[-2][:12], ck.split("/")[-1][:6], s, "target", t, json.dumps(row), flush=True)
+def search(root: str, out: str) -> None:
+    done = {json.loads(line)["run"] for line in open(out)} if Path(out).exists() else set()
+    data = {}
+    with open(out, "a") as f:
+        for r in benchmark_scans(root):
+            if key(r) in done:
+                continue
+            name = r["dataset"]
+            data.setdefault(name, load_dataset(name))
+            ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
+            idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
+            cfg = ScanConfig(seed=r["clean_seed"])
+            u = universal_radii(_frozen(load_checkpoint(str(ckpt))[0], "cpu"), data[name].train_x[idx],
+                                data[name].train_y[idx], data[name].num_classes,
+                                _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level), seed=cfg.seed)
+            f.write(json.dumps({"run": key(r), "levels": {q: u["levels"][q] for q in LEVELS}}) + "\n")
+            f.flush()
+
+
+def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
+    """The default verdict of scan ``r`` with the universal statistic ``radii``; and that signal's z."""
+    sc = _rescaled(r["scan"], "trimmed", {})
+    cfg = config_from_parameters(sc["parameters"])
+    score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
+    gap = sc["signals"]["universal"]["extra"]["clean_gap"]
+    score = stats.theil_sen_residual([-g for g in gap], score)[0]
+    test = stats.outlier_test(score, cfg.null_df_universal, 0.0, cfg.z_scale)
+    p = {s: e["p"] for s, e in sc["signals"].items()}
+    pm = {s: e["p_model"] for s, e in sc["signals"].items()}
+    p["universal"], pm["universal"] = test["p"], test["p_model"]
+    return decide(p, pm, sc["all_to_all"], cfg), test["z"]
+
+
+def verdicts(root: str, scores: str) -> None:
+    levels = {d["run"]: d["levels"] for d in map(json.loads, open(scores))}
+    records = [r for r in benchmark_scans(root) if key(r) in levels]
+    out = {q: {key(r): (_truth(r["attack_spec"]), *_decide(r, levels[key(r)][q])) for r in records} for q in LEVELS}
+    print(f"{len(records)} scans of {root}\n")
+    print("| level | target found | all-to-all found | clean class also suspected | false positives | smallest clean p "
+          "| largest clean universal z | largest backdoored p |")
+    print("|---|---|---|---|---|---|---|---|")
+    for q, runs in out.items():
+        one = [(t, d) for t, d, _ in runs.values() if isinstance(t, int)]
+        a2a = [d for t, d, _ in runs.values() if t == "all"]
+        clean = [(d, z) for t, d, z in runs.values() if t is None]
+        worst = sorted(d["p_value"] for t, d, _ in runs.values() if t is not None)[-3:]
+        print(f"| {q} | {sum(t in d['suspected'] for t, d in one)}/{len(one)} | {sum(d['kind'] == 'all-to-all' for d in a2a)}"
+              f"/{len(a2a)} | {sum(any(c != t for c in d['suspected']) for t, d in one)} | "
+              f"{sum(bool(d['suspected']) for d, _ in clean)}/{len(clean)} | "
+              f"{min((d['p_value'] for d, _ in clean), default=math.nan):.3g} | "
+              f"{max((max(z) for _, z in clean), default=math.nan):.1f} | {', '.join(f'{p:.2g}' for p in worst)} |")
+    print("\nRuns whose suspected classes differ from level 0.9's:")
+    for k, (t, d, _) in out["0.75"].items():
+        old = out["0.9"][k][1]
+        if d["suspected"] != old["suspected"]:
+            print(f"    {k}: target {t}: 0.9 {old['suspected']} (p {old['p_value']:.3g}) -> 0.75 {d['suspected']} "
+                  f"(p {d['p_value']:.3g})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--out", help="run the universal search and append its radii at each level here")
+    ap.add_argument("--scores", help="recompute the verdicts from these radii")
+    a = ap.parse_args()
+    if a.out:
+        search(a.results, a.out)
+    if a.scores:
+        verdicts(a.results, a.scores)
+
+
+if __name__ == "__main__":
+    main()

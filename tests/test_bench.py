@@ -13,6 +13,7 @@ import pytest
 from ulrl.bench import (
     DefenseSpec,
     Grid,
+    benchmark_scans,
     collect,
     collect_scans,
     load_grid,
@@ -20,6 +21,7 @@ from ulrl.bench import (
     run_grid,
     scans_from_cells,
 )
+from ulrl.checkpoints import write_json
 from ulrl.errors import UserError
 from ulrl.report import NO_DEFENSE, csv_text, detection_markdown, summary, tables, write_report
 
@@ -185,6 +187,25 @@ def test_report_reads_the_scans_ulrl_cells_ran():
     text = detection_markdown(scans)
     assert "### Detection (the scans the ulrl cells ran)" in text and "| badnets:target=3 | 3 | 2 | 2/2 | 0 |" in text
     assert "Clean models: verdict 'backdoored' in 0 of 1 runs" in text and scans_from_cells(records[-1:]) == []
+
+
+def test_a_scan_the_ulrl_cells_run_is_not_run_twice(tmp_path):
+    """A grid whose ULRL default cells run the very scan it would plans no scan of its own; the report merges the
+    grid's scans with the cells' for the runs it did not scan."""
+    base = dict(preset="fashion-mnist-detect", attacks=["badnets:target=3"], clean_seeds=[0])
+    assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl"]))) == 0
+    assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl@paper", "ft"]))) == 1
+    assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl:unlearn_lr=0.02"]))) == 1  # another scan
+    assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl"], scan_set={"alpha": 0.01}))) == 1
+    head = {"dataset": "d", "model": "m", "attack": "a", "attack_key": "a", "attack_spec": None, "clean_ratio": 0.01,
+            "seed": 0}
+    own = {**head, "clean_seed": 0, "scan": {"verdict": "no evidence"}}
+    (tmp_path / "scans" / "d" / "m" / "a").mkdir(parents=True)
+    write_json(tmp_path / "scans" / "d" / "m" / "a" / "ratio0.01-seed0.json", own)
+    cells = [{**head, "clean_seed": c, "defense": "ulrl", "report": {"extra": {"scan": {"config": {}}}}} for c in (0, 1)]
+    merged = benchmark_scans(tmp_path, cells)
+    assert [r["clean_seed"] for r in merged] == [0, 1] and merged[0]["scan"] == own["scan"]
+    assert merged[1]["scan"] == {"parameters": {}} and merged[1]["scan_source"] == "ulrl"
 
 
 def test_preset_extends_another():

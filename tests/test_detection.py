@@ -355,3 +355,18 @@ def test_universal_score_and_pull_are_means_over_draws(planted):
     assert "draw_scores" not in one.signals["universal"].extra
     with pytest.raises(UserError, match="uap_draws"):
         ScanConfig(uap_draws=0)
+
+
+def test_universal_statistic_reads_its_level_of_the_same_search(planted):
+    """``uap_score_level`` picks which crossing of one search is the statistic; the search (the perturbation the
+    repair unlearns) and the pull's reference radius stay those of ``uap_level``."""
+    models, x, y = planted
+    cfg = dict(FAST, signals=("universal", "pull"), uap_adjust=False, all_to_all_share=0.0)
+    at90 = scan(models["backdoored"], x, y, ScanConfig(**cfg, uap_score_level=0.9), progress=False)
+    at75 = scan(models["backdoored"], x, y, ScanConfig(**cfg, uap_score_level=0.75), progress=False)
+    assert torch.equal(at90.perturbations, at75.perturbations)
+    assert at90.signals["pull"].score == at75.signals["pull"].score
+    assert all(a <= b for a, b in zip(at75.signals["universal"].statistic, at90.signals["universal"].statistic, strict=True))
+    assert at75.signals["universal"].statistic != at90.signals["universal"].statistic
+    with pytest.raises(UserError, match="uap_score_level"):
+        ScanConfig(uap_score_level=0.95)

@@ -53,6 +53,7 @@ from .checkpoints import (
 )
 from .data import Dataset, load_dataset
 from .defenses.base import defense_entry, make_defense_config, parse_overrides
+from .defenses.ulrl import scan_config
 from .detection import ScanConfig
 from .errors import UserError
 from .models import MODELS
@@ -283,16 +284,36 @@ class Work:
     cells: list[Cell]
 
 
+def cells_run_the_scan(grid: Grid, dataset: str, clean_seed: int) -> bool:
+    """Whether a ULRL cell of ``grid`` runs, on a model of ``dataset`` with clean set ``clean_seed``, the very scan the
+    grid's own scan would (the ``default`` preset's detection, with the grid's scan options): then the grid does not
+    scan the model a second time, and the report reads the cell's scan (:func:`benchmark_scans`)."""
+    base = {"hflip": True, "device": grid.device}  # hflip: the dataset's, the same for both at run time
+    own = ScanConfig(**{**base, **grid.scan_set, "seed": clean_seed})
+    for d in grid.defense_specs:
+        if d.name == "ulrl":
+            cfg = make_defense_config("ulrl", d.preset, dataset=dataset, base=base,
+                                      **{"seed": clean_seed, **dict(d.overrides)})
+            if cfg.detect == "scan" and scan_config(cfg) == own:
+                return True
+    return False
+
+
 def plan(grid: Grid) -> list[Work]:
-    """Every model to train with the scans and cells that use it, in a stable order."""
+    """Every model to train with the scans and cells that use it, in a stable order. A scan that a ULRL cell runs
+    anyway is not planned (:func:`cells_run_the_scan`)."""
     out = []
     for ds in grid.datasets:
+        scanned: dict[int, bool] = {}  # clean seed: does the grid scan with it
         for m in grid.models:
             for spec, seeds in grid.attack_entries:
                 for seed in seeds:
                     job = ModelJob(ds, m, spec, int(seed))
                     runs = [(float(r), int(c)) for r in grid.clean_ratios for c in (grid.clean_seeds or [seed])]
-                    scans = [ScanJob(job, r, c) for r, c in runs] if grid.scan else []
+                    for _, c in runs:
+                        if c not in scanned:
+                            scanned[c] = grid.scan and not cells_run_the_scan(grid, ds, c)
+                    scans = [ScanJob(job, r, c) for r, c in runs if scanned[c]]
                     cells = [Cell(job, d, r, c) for d in grid.defense_specs for r, c in runs]
                     out.append(Work(job, scans, cells))
     return out
@@ -565,7 +586,7 @@ def collect_scans(root: str | Path) -> list[dict[str, Any]]:
 
 def scans_from_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The scans that ULRL cells ran themselves (``detect=scan``: the default preset), as scan records: what the
-    report's detection table reads when the grid ran no separate scans (``--no-scan``). One defense's cells: the first
+    report's detection table reads where the grid ran no scan of its own. One defense's cells: the first
     label, in sorted order, whose cells carry a scan; each record names it in ``scan_source``."""
     scanned = [r for r in records if "scan" in r.get("report", {}).get("extra", {})]
     if not scanned:
@@ -583,9 +604,17 @@ def _as_scan_json(scan: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def benchmark_scans(root: str | Path) -> list[dict[str, Any]]:
-    """The scans of a results directory: the grid's own, else the ones its ULRL cells ran (``--no-scan``)."""
-    return collect_scans(root) or scans_from_cells(collect(root))
+def benchmark_scans(root: str | Path, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The scans of a results directory: the grid's own, plus, for each model and clean set it did not scan, the scan
+    its ULRL cells ran (``records``: the cells' records, read from ``root`` when not given)."""
+    scans = collect_scans(root)
+    have = {_run_key(r) for r in scans}
+    from_cells = scans_from_cells(collect(root) if records is None else records)
+    return scans + [r for r in from_cells if _run_key(r) not in have]
+
+
+def _run_key(record: dict[str, Any]) -> tuple:
+    return tuple(record[k] for k in ("dataset", "model", "attack_key", "seed", "clean_ratio", "clean_seed"))
 
 
 def _read_records(folder: Path) -> list[dict[str, Any]]:

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=_seed, default=None, help="training seeds of the models")
     p.add_argument("--clean-seeds", nargs="+", type=_seed, default=None,
                    help="clean-set seeds: every model is scanned and defended with each (default: its training seed)")
-    p.add_argument("--no-scan", action="store_true", help="skip the separate detection scan of each model and clean set (the ULRL default cells scan anyway; `ulrl report` then reads their scans)")
+    p.add_argument("--no-scan", action="store_true", help="no detection scan of the grid's own (the ULRL default cells still scan; a scan they run anyway is never run twice, and `ulrl report` reads theirs)")
     p.add_argument("--epochs", type=int, default=None, help="poisoned-training epochs (default 5)")
     p.add_argument("--data-dir", default=None, help="directory of the (single) dataset, if not in its standard place")
     p.add_argument("--device", default=None, type=_device, help="cpu or cuda")
@@ -458,11 +458,11 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .bench import collect, collect_scans, scans_from_cells
+    from .bench import benchmark_scans, collect
     from .report import write_report
 
     records = collect(args.results)
-    scans = collect_scans(args.results) or scans_from_cells(records)  # --no-scan: the scans the ULRL cells ran
+    scans = benchmark_scans(args.results, records)  # the grid's scans, and the ones its ULRL cells ran
     md = write_report(records, args.out or Path(args.results) / "report", args.name, args.header, scans)
     print(f"{len(records)} cells, {len(scans)} scans; wrote {md} with its tables and plots in {md.with_suffix('')}/")
     return 0

@@ -62,7 +62,9 @@ class ScanConfig:
     uap_max_rms: float = 0.5
     uap_growth: float = 1.15
     uap_step: float = 0.5
-    uap_level: float = 0.9  # the statistic: radius at which this fraction of the other classes' images flip
+    uap_level: float = 0.9  # the search runs until this fraction of the other classes' images flip (the perturbation
+    # the repair unlearns, and the pull's reference radius)
+    uap_score_level: float = 0.75  # the statistic: radius at which this fraction flip (docs/detection.md, "The level")
     uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (8+ classes)
     # the pull (read off the universal search): each class's mean margin at this fraction of the median class's radius
     pull_ratio: float = 0.4
@@ -102,6 +104,8 @@ class ScanConfig:
             raise UserError("the pull signal reads the universal search: add 'universal' to the signals")
         if self.uap_draws < 1:
             raise UserError(f"uap_draws must be at least 1, got {self.uap_draws}")
+        if not 0.0 < self.uap_score_level <= self.uap_level <= 1.0:
+            raise UserError(f"need 0 < uap_score_level <= uap_level <= 1, got {self.uap_score_level} and {self.uap_level}")
         if not 0.0 < self.pull_ratio <= 1.0:
             raise UserError(f"pull_ratio must be in (0, 1], got {self.pull_ratio}")
         if self.a2a_search not in ("pairwise", "universal"):
@@ -119,7 +123,8 @@ class ScanConfig:
 def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> ScanConfig:
     """The :class:`ScanConfig` that a scan.json's ``parameters`` record (JSON lists back to tuples, a
     null tail back to the normal null it stood for), with ``overrides``; unknown keys are ignored."""
-    kw = {"z_scale": "mad", "a2a_search": "universal", "uap_draws": 1}  # what scans written before these options used
+    # what scans written before these options used
+    kw = {"z_scale": "mad", "a2a_search": "universal", "uap_draws": 1, "uap_score_level": parameters.get("uap_level", 0.9)}
     for f in fields(ScanConfig):
         if f.name in parameters:
             v = parameters[f.name]
@@ -188,8 +193,8 @@ def _finite(o: Any) -> Any:
 
 def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalConfig:
     """The continuation search every signal of :mod:`.universal` runs: the scan's images per class, growth, step and
-    flip level, from radius ``first`` to ``last``."""
-    return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, flip=cfg.uap_level, **kw)
+    flip level (unless ``kw`` names another), from radius ``first`` to ``last``."""
+    return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, **{"flip": cfg.uap_level, **kw})
 
 
 DRAW_SEED_STRIDE = 1000  # draw j of the universal search samples its images with seed + j * stride
@@ -201,7 +206,8 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -
     search) and each class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean
     radius. The perturbations and the per-source radii are draw 0's. More draws did not help on the benchmark
     (docs/detection.md, "Draws of the universal search"). ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
-    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level, **search),
+    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, flip=cfg.uap_score_level,
+                                                     stop=cfg.uap_level, **search),
                              seed=cfg.seed + j * DRAW_SEED_STRIDE, device=cfg.device, progress=progress)
              for j in range(cfg.uap_draws)]
     per_draw = [[-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]] for u in draws]
@@ -209,7 +215,7 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -
     u = draws[0]
     radius = u["radius"] if len(draws) == 1 else [math.exp(-v) for v in score]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"],
-             "curves": [(d["log_radii"], d["margins"], d["radius"]) for d in draws]}
+             "curves": [(d["log_radii"], d["margins"], d["levels"][f"{cfg.uap_level:g}"]) for d in draws]}
     if cfg.uap_draws > 1:
         extra["draw_scores"] = per_draw
     if cfg.uap_adjust and k >= 8:  # what the clean data's closeness to each class explains is not evidence
@@ -233,9 +239,9 @@ def pull_of_draw(log_radii: list[float], margins: list[list[float]], radius: lis
 def _pull(curves: list[tuple[list[float], list[list[float]], list[float]]], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
     """The pull signal, from the universal searches' margins: per class, the mean margin toward it of the other
     classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
-    radius, in each draw), averaged over the draws. There a clean model's classes are not reached yet and sit close
+    radius at ``uap_level``, in each draw), averaged over the draws. There a clean model's classes are not reached yet and sit close
     together; a backdoor target is already pulled in, its trigger half-formed. A measure of the whole curve at a fixed
-    budget, where the universal signal reads one noisy point (the radius at which 90% of five images per class flip)."""
+    budget, where the universal signal reads one noisy point (the radius at which 75% of five images per class flip)."""
     draws = [pull_of_draw(*c, cfg.pull_ratio) for c in curves]
     m = [sum(col) / len(col) for col in zip(*(d[0] for d in draws), strict=True)]
     extra: dict[str, Any] = {"radius": [d[1] for d in draws]}

@@ -204,7 +204,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     mean_log = [float(at[t][others[t].cpu()].mean()) if bool(others[t].any()) else math.nan for t in range(k)]
     log_r = log_r[:used]
     radius = [math.exp(_crossing(frac[:used, t], log_r, cfg.flip)) for t in range(k)]
-    levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)] for q in (0.25, 0.5, 0.75, 0.9)}
+    levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)]
+              for q in sorted({0.25, 0.5, 0.75, 0.9, cfg.flip, cfg.stop})}
     pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, cfg.flip))
              for t in range(k)] for s in range(k)]
     return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n,
