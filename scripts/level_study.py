@@ -23,7 +23,7 @@ from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.detection import stats
-from ulrl.detection.scan import ScanConfig, _frozen, _search, config_from_parameters, decide
+from ulrl.detection.scan import _frozen, _search, config_from_parameters, decide
 from ulrl.detection.universal import universal_radii
 from ulrl.pipeline import select_clean
 
@@ -45,7 +45,7 @@ def search(root: str, out: str) -> None:
             data.setdefault(name, load_dataset(name))
             ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
             idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
-            cfg = ScanConfig(seed=r["clean_seed"])
+            cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"])
             u = universal_radii(_frozen(load_checkpoint(str(ckpt))[0], "cpu"), data[name].train_x[idx],
                                 data[name].train_y[idx], data[name].num_classes,
                                 _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level), seed=cfg.seed)
@@ -58,8 +58,9 @@ def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
     sc = _rescaled(r["scan"], "trimmed", {})
     cfg = config_from_parameters(sc["parameters"])
     score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
-    gap = sc["signals"]["universal"]["extra"]["clean_gap"]
-    score = stats.theil_sen_residual([-g for g in gap], score)[0]
+    gap = sc["signals"]["universal"]["extra"].get("clean_gap")  # absent: the scan did not adjust (uap_adjust, < 8 classes)
+    if gap is not None:
+        score = stats.theil_sen_residual([-g for g in gap], score)[0]
     test = stats.outlier_test(score, cfg.null_df_universal, 0.0, cfg.z_scale)
     p = {s: e["p"] for s, e in sc["signals"].items()}
     pm = {s: e["p_model"] for s, e in sc["signals"].items()}

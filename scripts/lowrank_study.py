@@ -54,7 +54,8 @@ def search(root: str, out: str) -> None:
             x, y = data[name].train_x[idx], data[name].train_y[idx]
             # the scan's universal signal (score regressed on the clean logit gap), its search held to rank 1
             radius, score, _ = _universal(_frozen(model, "cpu"), x, y, data[name].num_classes,
-                                          ScanConfig(seed=r["clean_seed"], uap_draws=1), False, rank=1)
+                                          config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"],
+                                                                 uap_draws=1), False, rank=1)
             f.write(json.dumps({"run": key(r), "radius": radius, "score": score}) + "\n")
             f.flush()
 

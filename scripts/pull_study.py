@@ -51,7 +51,7 @@ def search(root: str, out: str) -> None:
             ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
             idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
             x, y = data[name].train_x[idx], data[name].train_y[idx]
-            cfg = ScanConfig(seed=r["clean_seed"], uap_draws=1)  # the scan's own search (before the draws)
+            cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"], uap_draws=1)  # the scan's own search
             radius, _, extra = _universal(_frozen(load_checkpoint(str(ckpt))[0], "cpu"), x, y, data[name].num_classes,
                                           cfg, False)
             pull = {f"{q:g}": _pull(extra["curves"], dataclasses.replace(cfg, pull_ratio=q))[0] for q in RATIOS}

@@ -197,6 +197,7 @@ def test_a_scan_the_ulrl_cells_run_is_not_run_twice(tmp_path):
     assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl@paper", "ft"]))) == 1
     assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl:unlearn_lr=0.02"]))) == 1  # another scan
     assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl"], scan_set={"alpha": 0.01}))) == 1
+    assert sum(len(w.scans) for w in plan(load_grid(**base, defenses=["ulrl"], scan_set={"hflip": True}))) == 1
     head = {"dataset": "d", "model": "m", "attack": "a", "attack_key": "a", "attack_spec": None, "clean_ratio": 0.01,
             "seed": 0}
     own = {**head, "clean_seed": 0, "scan": {"verdict": "no evidence"}}

@@ -366,7 +366,9 @@ def test_universal_statistic_reads_its_level_of_the_same_search(planted):
     at75 = scan(models["backdoored"], x, y, ScanConfig(**cfg, uap_score_level=0.75), progress=False)
     assert torch.equal(at90.perturbations, at75.perturbations)
     assert at90.signals["pull"].score == at75.signals["pull"].score
+    assert at90.signals["universal"].extra["pair_radius"] == at75.signals["universal"].extra["pair_radius"]
     assert all(a <= b for a, b in zip(at75.signals["universal"].statistic, at90.signals["universal"].statistic, strict=True))
     assert at75.signals["universal"].statistic != at90.signals["universal"].statistic
     with pytest.raises(UserError, match="uap_score_level"):
-        ScanConfig(uap_score_level=0.95)
+        ScanConfig(uap_score_level=1.5)
+    ScanConfig(uap_level=0.5)  # a lower stop alone is fine: the statistic is read at min(uap_score_level, uap_level)

@@ -284,19 +284,22 @@ class Work:
     cells: list[Cell]
 
 
+SCAN_CELL = "ulrl"  # the cells whose scans stand in for the grid's: the default preset, as given, no options
+
+
 def cells_run_the_scan(grid: Grid, dataset: str, clean_seed: int) -> bool:
-    """Whether a ULRL cell of ``grid`` runs, on a model of ``dataset`` with clean set ``clean_seed``, the very scan the
-    grid's own scan would (the ``default`` preset's detection, with the grid's scan options): then the grid does not
-    scan the model a second time, and the report reads the cell's scan (:func:`benchmark_scans`)."""
-    base = {"hflip": True, "device": grid.device}  # hflip: the dataset's, the same for both at run time
-    own = ScanConfig(**{**base, **grid.scan_set, "seed": clean_seed})
-    for d in grid.defense_specs:
-        if d.name == "ulrl":
-            cfg = make_defense_config("ulrl", d.preset, dataset=dataset, base=base,
-                                      **{"seed": clean_seed, **dict(d.overrides)})
-            if cfg.detect == "scan" and scan_config(cfg) == own:
-                return True
-    return False
+    """Whether the grid's plain ``ulrl`` cells run, on a model of ``dataset`` with clean set ``clean_seed``, the very
+    scan the grid's own scan would (same options, on the same clean images: no holdout), whatever the dataset's
+    horizontal flip: then the grid does not scan the model a second time, and the report reads those cells' scans
+    (:func:`benchmark_scans`)."""
+    if not any(d.label == SCAN_CELL for d in grid.defense_specs):
+        return False
+    for hflip in (True, False):  # the dataset's, set at run time for both
+        base = {"hflip": hflip, "device": grid.device}
+        cfg = make_defense_config("ulrl", "default", dataset=dataset, base=base, seed=clean_seed)
+        if cfg.detect != "scan" or cfg.holdout or scan_config(cfg) != ScanConfig(**{**base, **grid.scan_set, "seed": clean_seed}):
+            return False
+    return True
 
 
 def plan(grid: Grid) -> list[Work]:
@@ -586,12 +589,14 @@ def collect_scans(root: str | Path) -> list[dict[str, Any]]:
 
 def scans_from_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The scans that ULRL cells ran themselves (``detect=scan``: the default preset), as scan records: what the
-    report's detection table reads where the grid ran no scan of its own. One defense's cells: the first
-    label, in sorted order, whose cells carry a scan; each record names it in ``scan_source``."""
+    report's detection table reads where the grid ran no scan of its own. One defense's cells: the plain ``ulrl``
+    cells if any carry a scan, else the first label, in sorted order, whose cells do; each record names it in
+    ``scan_source``."""
     scanned = [r for r in records if "scan" in r.get("report", {}).get("extra", {})]
     if not scanned:
         return []
-    label = min(r["defense"] for r in scanned)  # a cell's record starts with the scan's header (_job_header)
+    labels = {r["defense"] for r in scanned}  # a cell's record starts with the scan's header (_job_header)
+    label = SCAN_CELL if SCAN_CELL in labels else min(labels)
     return [{**r, "scan": _as_scan_json(r["report"]["extra"]["scan"]), "scan_source": label}
             for r in scanned if r["defense"] == label]
 

@@ -64,7 +64,8 @@ class ScanConfig:
     uap_step: float = 0.5
     uap_level: float = 0.9  # the search runs until this fraction of the other classes' images flip (the perturbation
     # the repair unlearns, and the pull's reference radius)
-    uap_score_level: float = 0.75  # the statistic: radius at which this fraction flip (docs/detection.md, "The level")
+    uap_score_level: float = 0.75  # the statistic: radius at which this fraction flip, at most uap_level
+    # (docs/detection.md, "The level")
     uap_adjust: bool = True  # score = residual of -log(radius) on the class's clean logit gap (8+ classes)
     # the pull (read off the universal search): each class's mean margin at this fraction of the median class's radius
     pull_ratio: float = 0.4
@@ -104,8 +105,8 @@ class ScanConfig:
             raise UserError("the pull signal reads the universal search: add 'universal' to the signals")
         if self.uap_draws < 1:
             raise UserError(f"uap_draws must be at least 1, got {self.uap_draws}")
-        if not 0.0 < self.uap_score_level <= self.uap_level <= 1.0:
-            raise UserError(f"need 0 < uap_score_level <= uap_level <= 1, got {self.uap_score_level} and {self.uap_level}")
+        if not (0.0 < self.uap_score_level <= 1.0 and 0.0 < self.uap_level <= 1.0):
+            raise UserError(f"uap_score_level and uap_level must be in (0, 1], got {self.uap_score_level} and {self.uap_level}")
         if not 0.0 < self.pull_ratio <= 1.0:
             raise UserError(f"pull_ratio must be in (0, 1], got {self.pull_ratio}")
         if self.a2a_search not in ("pairwise", "universal"):
@@ -124,7 +125,8 @@ def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> Scan
     """The :class:`ScanConfig` that a scan.json's ``parameters`` record (JSON lists back to tuples, a
     null tail back to the normal null it stood for), with ``overrides``; unknown keys are ignored."""
     # what scans written before these options used
-    kw = {"z_scale": "mad", "a2a_search": "universal", "uap_draws": 1, "uap_score_level": parameters.get("uap_level", 0.9)}
+    kw = {"z_scale": "mad", "a2a_search": "universal", "uap_draws": 1,
+          "uap_score_level": overrides.get("uap_level", parameters.get("uap_level", 0.9))}
     for f in fields(ScanConfig):
         if f.name in parameters:
             v = parameters[f.name]
@@ -206,8 +208,9 @@ def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -
     search) and each class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean
     radius. The perturbations and the per-source radii are draw 0's. More draws did not help on the benchmark
     (docs/detection.md, "Draws of the universal search"). ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
-    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, flip=cfg.uap_score_level,
-                                                     stop=cfg.uap_level, **search),
+    score_level = min(cfg.uap_score_level, cfg.uap_level)  # the search stops at uap_level: nothing is read beyond
+    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, flip=score_level,
+                                                     stop=cfg.uap_level, pair_level=cfg.uap_level, **search),
                              seed=cfg.seed + j * DRAW_SEED_STRIDE, device=cfg.device, progress=progress)
              for j in range(cfg.uap_draws)]
     per_draw = [[-math.log(r) if math.isfinite(r) else -math.inf for r in u["radius"]] for u in draws]
@@ -241,7 +244,8 @@ def _pull(curves: list[tuple[list[float], list[list[float]], list[float]]], cfg:
     classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
     radius at ``uap_level``, in each draw), averaged over the draws. There a clean model's classes are not reached yet and sit close
     together; a backdoor target is already pulled in, its trigger half-formed. A measure of the whole curve at a fixed
-    budget, where the universal signal reads one noisy point (the radius at which 75% of five images per class flip)."""
+    budget, where the universal signal reads one noisy point (the radius at which ``uap_score_level`` of five images per
+    class flip)."""
     draws = [pull_of_draw(*c, cfg.pull_ratio) for c in curves]
     m = [sum(col) / len(col) for col in zip(*(d[0] for d in draws), strict=True)]
     extra: dict[str, Any] = {"radius": [d[1] for d in draws]}

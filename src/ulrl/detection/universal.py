@@ -54,6 +54,7 @@ class UniversalConfig:
     step: float = 0.5  # gradient step length, relative to the current radius
     flip: float = 0.5  # fraction of images that must reach the class
     stop: float = 0.5  # a class's search stops once this fraction reached it
+    pair_level: float | None = None  # the flip level of the per-(source, target) radii (None: ``flip``)
     per_image: bool = False  # one perturbation per image instead of one per class (the sample-specific baseline)
     pairwise: bool = False  # one perturbation per (target, source class): how easily each source reaches each target
     norm: str = "l2"  # "l2" (radius: RMS per pixel value) or "linf" (radius: the largest change of a pixel value)
@@ -206,7 +207,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     radius = [math.exp(_crossing(frac[:used, t], log_r, cfg.flip)) for t in range(k)]
     levels = {f"{q:g}": [math.exp(_crossing(frac[:used, t], log_r, q)) for t in range(k)]
               for q in sorted({0.25, 0.5, 0.75, 0.9, cfg.flip, cfg.stop})}
-    pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, cfg.flip))
+    pair_level = cfg.flip if cfg.pair_level is None else cfg.pair_level
+    pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, pair_level))
              for t in range(k)] for s in range(k)]
     return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n,
             "steps": used, "levels": levels, "log_radii": log_r.tolist(), "margins": margin[:used].T.tolist()}
