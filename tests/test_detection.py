@@ -372,3 +372,16 @@ def test_universal_statistic_reads_its_level_of_the_same_search(planted):
     with pytest.raises(UserError, match="uap_score_level"):
         ScanConfig(uap_score_level=1.5)
     ScanConfig(uap_level=0.5)  # a lower stop alone is fine: the statistic is read at min(uap_score_level, uap_level)
+
+
+def test_weak_evidence_below_the_bar_gets_a_note(planted):
+    """"No evidence" with p within twice alpha names the most suspicious class in a note; the verdict is unchanged."""
+    models, x, y = planted
+    cfg = dict(FAST, signals=("universal",), all_to_all_share=0.0, warp_share=0.0)
+    p = scan(models["clean"], x, y, ScanConfig(**cfg), progress=False).p_value
+    assert 0.0 < p < 1.0
+    near = scan(models["clean"], x, y, ScanConfig(**cfg, alpha=0.6 * p), progress=False)
+    far = scan(models["clean"], x, y, ScanConfig(**cfg, alpha=0.4 * p), progress=False)
+    assert near.verdict == far.verdict == "no evidence" and near.p_value == far.p_value == p
+    assert any(n.startswith("weak evidence") for n in near.notes)
+    assert not any(n.startswith("weak evidence") for n in far.notes)

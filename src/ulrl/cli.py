@@ -415,6 +415,7 @@ def format_scan(result, label: str) -> str:
         target += f" (the warp test, p = {result.p_warp:.2g}: a warping trigger)"
     lines.append(f"\n{label}: {verdict} (p = {result.p_value:.2g}, alpha = {result.alpha}){target}; "
                  f"{result.seconds['total']:.1f} s")
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 
 

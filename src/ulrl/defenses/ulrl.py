@@ -324,6 +324,7 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
     ``all_to_all_repair="features"``: no row, every class."""
     result = scan(model, x, y, scan_config(cfg), progress=progress)
     report.extra["scan"] = result.to_dict()
+    report.notes += [f"scan: {n}" for n in result.notes]
     wc = result.signals.get("weight-change")
     if wc is not None:
         report.scores, report.z_scores = wc.statistic, wc.z

@@ -343,6 +343,9 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
             "p_value": p_value, "kind": kind, "suspected": suspected, "test": best if suspected else None}
 
 
+WEAK_EVIDENCE = 2.0  # "no evidence" with p <= this x alpha gets a note naming the most suspicious class
+
+
 def _frozen(model: nn.Module, device: str) -> nn.Module:
     """A copy in eval mode without parameter gradients: the searches differentiate inputs only."""
     return copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -392,6 +395,11 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg)
     seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
+    if not d["suspected"] and d["p_value"] <= WEAK_EVIDENCE * cfg.alpha:  # the verdict stays; the user should know
+        top = min(range(k), key=lambda c: d["p_class"][c])
+        notes.append(f"weak evidence, below the verdict's bar: class {top} is the most suspicious (p = {d['p_value']:.3g}, "
+                     f"alpha = {cfg.alpha}); scan again with another clean set (--seed) or more clean images, or "
+                     f"repair that class anyway (force_repair)")
     return ScanResult(
         num_classes=k, clean_samples=int(len(y)), signals=evidence,
         combined=[-math.log10(max(p, 1e-300)) for p in d["p_class"]], p_class=d["p_class"],
