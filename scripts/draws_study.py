@@ -21,8 +21,8 @@ from ulrl.detection import stats
 from ulrl.detection.scan import _df, config_from_parameters, decide
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowrank_study import key  # noqa: E402
 from signal_study import _truth  # noqa: E402
+from study import key  # noqa: E402
 
 
 def _row(values: list[float | None]) -> list[float]:

@@ -13,44 +13,30 @@ clean classes also suspected, false positives, the smallest p of a clean model, 
 model, the three largest p of backdoored models; then the runs whose suspected classes differ from level 0.9's.
 """
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 from ulrl.bench import benchmark_scans
-from ulrl.checkpoints import load_checkpoint
-from ulrl.data import load_dataset
 from ulrl.detection import stats
-from ulrl.detection.scan import _frozen, _search, config_from_parameters, decide
+from ulrl.detection.scan import _search, config_from_parameters, decide
 from ulrl.detection.universal import universal_radii
-from ulrl.pipeline import select_clean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowrank_study import key  # noqa: E402
 from signal_study import _rescaled, _truth  # noqa: E402
+from study import append_line, key, main, stored_runs  # noqa: E402
 
 LEVELS = ("0.25", "0.5", "0.75", "0.9")
 
 
 def search(root: str, out: str) -> None:
-    done = {json.loads(line)["run"] for line in open(out)} if Path(out).exists() else set()
-    data = {}
     with open(out, "a") as f:
-        for r in benchmark_scans(root):
-            if key(r) in done:
-                continue
-            name = r["dataset"]
-            data.setdefault(name, load_dataset(name))
-            ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
-            idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
+        for r, model, x, y, k in stored_runs(root, out):
             cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"])
-            u = universal_radii(_frozen(load_checkpoint(str(ckpt))[0], "cpu"), data[name].train_x[idx],
-                                data[name].train_y[idx], data[name].num_classes,
-                                _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level), seed=cfg.seed)
-            f.write(json.dumps({"run": key(r), "levels": {q: u["levels"][q] for q in LEVELS}}) + "\n")
-            f.flush()
+            u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
+                                seed=cfg.seed)
+            append_line(f, {"run": key(r), "levels": {q: u["levels"][q] for q in LEVELS}})
 
 
 def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
@@ -94,17 +80,5 @@ def verdicts(root: str, scores: str) -> None:
                   f"(p {d['p_value']:.3g})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results")
-    ap.add_argument("--out", help="run the universal search and append its radii at each level here")
-    ap.add_argument("--scores", help="recompute the verdicts from these radii")
-    a = ap.parse_args()
-    if a.out:
-        search(a.results, a.out)
-    if a.scores:
-        verdicts(a.results, a.scores)
-
-
 if __name__ == "__main__":
-    main()
+    main(search, verdicts, "universal search")

@@ -14,50 +14,33 @@ p-values, Sidak-corrected). Prints targets found, clean classes also suspected, 
 clean models, and every run whose decision changes.
 """
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 from ulrl.bench import benchmark_scans
-from ulrl.checkpoints import load_checkpoint
-from ulrl.data import load_dataset
 from ulrl.detection import stats
 from ulrl.detection.scan import (
     ScanConfig,
-    _frozen,
     _universal,
     config_from_parameters,
     decide,
     search_resolution,
 )
-from ulrl.pipeline import select_clean
 
 sys.path.insert(0, str(Path(__file__).parent))
 from signal_study import _rescaled, _truth  # noqa: E402
-
-
-def key(r: dict) -> str:
-    return f"{r['attack_key']}:{r['seed']}:{r['clean_seed']}"
+from study import append_line, key, main, stored_runs  # noqa: E402
 
 
 def search(root: str, out: str) -> None:
-    data = {}
     with open(out, "a") as f:
-        for r in benchmark_scans(root):
-            name = r["dataset"]
-            data.setdefault(name, load_dataset(name))
-            ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
-            model = load_checkpoint(str(ckpt))[0]
-            idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
-            x, y = data[name].train_x[idx], data[name].train_y[idx]
+        for r, model, x, y, k in stored_runs(root, out):
             # the scan's universal signal (score regressed on the clean logit gap), its search held to rank 1
-            radius, score, _ = _universal(_frozen(model, "cpu"), x, y, data[name].num_classes,
-                                          config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"],
-                                                                 uap_draws=1), False, rank=1)
-            f.write(json.dumps({"run": key(r), "radius": radius, "score": score}) + "\n")
-            f.flush()
+            cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"], uap_draws=1)
+            radius, score, _ = _universal(model, x, y, k, cfg, False, rank=1)
+            append_line(f, {"run": key(r), "radius": radius, "score": score})
 
 
 def verdicts(root: str, scores: str) -> None:
@@ -96,17 +79,5 @@ def verdicts(root: str, scores: str) -> None:
                 print(f"    {k}: target {t}, suspected {base[k][1]} (p {base[k][2]:.3g}) -> {s} (p {pv:.3g})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results")
-    ap.add_argument("--out", help="run the rank-1 search and append its scores here")
-    ap.add_argument("--scores", help="recompute the verdicts from these scores")
-    a = ap.parse_args()
-    if a.out:
-        search(a.results, a.out)
-    if a.scores:
-        verdicts(a.results, a.scores)
-
-
 if __name__ == "__main__":
-    main()
+    main(search, verdicts, "rank-1 search")

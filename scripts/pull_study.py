@@ -11,7 +11,6 @@ of the pull's null. Prints targets found, clean classes also suspected, false po
 models, the pull alone, and the runs whose decision the default setting changes.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -19,44 +18,29 @@ import sys
 from pathlib import Path
 
 from ulrl.bench import benchmark_scans
-from ulrl.checkpoints import load_checkpoint
-from ulrl.data import load_dataset
 from ulrl.detection import stats
 from ulrl.detection.scan import (
     ScanConfig,
-    _frozen,
     _pull,
     _universal,
     config_from_parameters,
     decide,
 )
-from ulrl.pipeline import select_clean
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lowrank_study import key  # noqa: E402
 from signal_study import _rescaled, _truth  # noqa: E402
+from study import append_line, key, main, stored_runs  # noqa: E402
 
 RATIOS = (0.3, 0.4, 0.5, 0.6)
 
 
 def search(root: str, out: str) -> None:
-    done = {json.loads(line)["run"] for line in open(out)} if Path(out).exists() else set()
-    data = {}
     with open(out, "a") as f:
-        for r in benchmark_scans(root):
-            if key(r) in done:
-                continue
-            name = r["dataset"]
-            data.setdefault(name, load_dataset(name))
-            ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
-            idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
-            x, y = data[name].train_x[idx], data[name].train_y[idx]
+        for r, model, x, y, k in stored_runs(root, out):
             cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"], uap_draws=1)  # the scan's own search
-            radius, _, extra = _universal(_frozen(load_checkpoint(str(ckpt))[0], "cpu"), x, y, data[name].num_classes,
-                                          cfg, False)
+            radius, _, extra = _universal(model, x, y, k, cfg, False)
             pull = {f"{q:g}": _pull(extra["curves"], dataclasses.replace(cfg, pull_ratio=q))[0] for q in RATIOS}
-            f.write(json.dumps({"run": key(r), "radius": radius, "pull": pull}) + "\n")
-            f.flush()
+            append_line(f, {"run": key(r), "radius": radius, "pull": pull})
 
 
 def verdicts(root: str, scores: str) -> None:
@@ -104,17 +88,5 @@ def verdicts(root: str, scores: str) -> None:
                         print(f"    {k}: target {t}, suspected {base[k][1]} (p {base[k][2]:.3g}) -> {s} (p {pv:.3g})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("results")
-    ap.add_argument("--out", help="run the universal search and append the pull's scores here")
-    ap.add_argument("--scores", help="recompute the verdicts from these scores")
-    a = ap.parse_args()
-    if a.out:
-        search(a.results, a.out)
-    if a.scores:
-        verdicts(a.results, a.scores)
-
-
 if __name__ == "__main__":
-    main()
+    main(search, verdicts, "universal search")
