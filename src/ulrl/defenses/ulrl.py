@@ -343,60 +343,89 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
     return flagged, flagged, result
 
 
-def relearn(model: nn.Module, layer: nn.Linear, layer_name: str, x: torch.Tensor, y: torch.Tensor, x_held: torch.Tensor,
-            y_held: torch.Tensor, flagged: list[int], targets: list[int], w_original: torch.Tensor, result: ScanResult | None,
-            teacher: nn.Module | None, gen: torch.Generator, cfg: ULRLConfig, lr: float, freeze_bn: bool,
-            report: DefenseReport, monitor: Monitor | None, progress: bool) -> None:
+@dataclass
+class Repair:
+    """What every relearning try of one repair shares: the examined layer, the clean set (and its held-out slice),
+    the flagged rows and their original weights, the classes whose shortcut is unlearned (``targets``), the scan that
+    chose them (``None`` with ``detect="unlearning"``), the distillation teacher and the random stream."""
+
+    layer: nn.Linear
+    layer_name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    x_held: torch.Tensor
+    y_held: torch.Tensor
+    flagged: list[int]
+    targets: list[int]
+    w_original: torch.Tensor
+    result: ScanResult | None
+    teacher: nn.Module | None
+    gen: torch.Generator
+
+
+def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
+    """The terms added to the clean loss while relearning: the cosine penalty on the flagged rows, distillation of the
+    original (``cfg.distill``), and unlearning of the scan's shortcuts to the targets (``cfg.trigger_unlearn``): each
+    class's own perturbation to its shifted class for an all-to-all verdict, else the targets' universal perturbations
+    (and the warps that reached them)."""
+    penalties = [cosine_penalty(r.layer, r.w_original, r.flagged, cfg.alpha, cfg.cos_margin)] if r.flagged else []
+    if r.teacher is not None:
+        penalties.append(with_distillation(r.teacher, [] if cfg.distill_flagged else r.flagged, cfg.distill))
+    scan_result = r.result
+    if cfg.trigger_unlearn <= 0 or not r.targets or scan_result is None:
+        return penalties
+    if scan_result.kind == "all-to-all" and scan_result.pair_perturbations is not None:  # source -> source + shift
+        k, shift = scan_result.num_classes, scan_result.all_to_all["shift"]
+        own = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])
+        scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
+        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn))
+    elif scan_result.perturbations is not None:
+        deltas = scan_result.perturbations[r.targets] * cfg.trigger_scale
+        warps = None
+        if scan_result.warps is not None:  # the warps that reached a target class are shortcuts too
+            reached = scan_result.signals["warp"].statistic
+            warps = [scan_result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in r.targets]
+        penalties.append(trigger_unlearning(model, deltas, r.targets, cfg.trigger_unlearn, warps))
+    return penalties
+
+
+def relearn(model: nn.Module, r: Repair, cfg: ULRLConfig, lr: float, freeze_bn: bool, report: DefenseReport,
+            monitor: Monitor | None, progress: bool) -> None:
     """Steps 2 and 3 on ``model`` (the original weights): re-initialise the flagged rows, then fine-tune
     on the clean set with the cosine penalty (and, in the default preset, trigger unlearning toward the
     ``targets`` classes and distillation; the examined layer alone first, for ``cfg.probe_epochs``) at ``lr``,
     with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
     held-out epoch when ``cfg.holdout`` sets a slice aside; stops at the first epoch whose loss is not finite."""
-    protos = class_prototypes(model, layer, x, y, flagged, cfg.device) if cfg.reinit == "prototype" else None
-    reinitialise(layer, flagged, gen, cfg.reinit, protos)
-    penalties = [cosine_penalty(layer, w_original, flagged, cfg.alpha, cfg.cos_margin)] if flagged else []
-    if teacher is not None:
-        penalties.append(with_distillation(teacher, [] if cfg.distill_flagged else flagged, cfg.distill))
-    if cfg.trigger_unlearn > 0 and targets and result is not None and result.kind == "all-to-all" \
-            and result.pair_perturbations is not None:  # each class's own shortcut to its target (source -> source + shift)
-        k, shift = result.num_classes, result.all_to_all["shift"]
-        own = torch.stack([result.pair_perturbations[(c + shift) % k, c] for c in range(k)])
-        scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
-        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn))
-    elif cfg.trigger_unlearn > 0 and targets and result is not None and result.perturbations is not None:
-        deltas = result.perturbations[targets] * cfg.trigger_scale
-        warps = None
-        if result.warps is not None:  # the warps that reached a target class are shortcuts too
-            reached = result.signals["warp"].statistic
-            warps = [result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in targets]
-        penalties.append(trigger_unlearning(model, deltas, targets, cfg.trigger_unlearn, warps))
+    protos = class_prototypes(model, r.layer, r.x, r.y, r.flagged, cfg.device) if cfg.reinit == "prototype" else None
+    reinitialise(r.layer, r.flagged, r.gen, cfg.reinit, protos)
+    penalties = relearning_penalties(model, r, cfg)
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
     def track(epoch: int, record: dict) -> bool:
-        if len(y_held):  # model selection on the held-out slice of the clean set
-            record["heldout_acc"] = accuracy(model, x_held, y_held, cfg.device)
+        if len(r.y_held):  # model selection on the held-out slice of the clean set
+            record["heldout_acc"] = accuracy(model, r.x_held, r.y_held, cfg.device)
             if record["heldout_acc"] >= best["acc"]:  # ties go to the later (longer relearned) epoch
                 best.update(acc=record["heldout_acc"], epoch=epoch, state=copy.deepcopy(model.state_dict()))
         if monitor is not None:
             record.update(monitor(model))
         return not math.isfinite(record["loss"])  # diverged: no later epoch comes back from NaN weights
 
-    prefix = layer_name + "."
+    prefix = r.layer_name + "."
     wd = cfg.weight_decay if cfg.relearn_weight_decay is None else cfg.relearn_weight_decay
     train = TrainConfig(epochs=cfg.relearn_epochs, lr=lr, schedule="cosine", freeze_bn=freeze_bn, weight_decay=wd,
                         extra_bn_pass=cfg.relearn_extra_bn_pass, **shared_training(cfg))
     loss = summed(penalties)
-    if cfg.probe_epochs > 0 and flagged:  # the linear probe: the backbone (weights and statistics) fixed, no gradient
+    if cfg.probe_epochs > 0 and r.flagged:  # the linear probe: the backbone (weights and statistics) fixed, no gradient
         backbone = [p for name, p in model.named_parameters() if not name.startswith(prefix) and p.requires_grad]
         probe = replace(train, epochs=cfg.probe_epochs, lr=cfg.probe_lr, freeze_bn=True, extra_bn_pass=False)
         try:
             for p in backbone:
                 p.requires_grad_(False)
-            report.extra["probe_history"] = fit(model, x, y, probe, penalty=loss, desc="ULRL probe", progress=progress).epochs
+            report.extra["probe_history"] = fit(model, r.x, r.y, probe, penalty=loss, desc="ULRL probe", progress=progress).epochs
         finally:
             for p in backbone:
                 p.requires_grad_(True)
-    hist = fit(model, x, y, train, penalty=loss, on_epoch=track, desc="ULRL relearn", progress=progress,
+    hist = fit(model, r.x, r.y, train, penalty=loss, on_epoch=track, desc="ULRL relearn", progress=progress,
                lr_scale=lambda name: 1.0 if name.startswith(prefix) else cfg.backbone_lr_scale)
     report.relearn_history = hist.epochs
     if best["state"] is not None:
@@ -476,6 +505,7 @@ def purify(
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
+    plan = Repair(layer, layer_name, x_train, y_train, x_held, y_held, flagged, targets, w_original, result, teacher, gen)
     # The guard (default preset) judges each try on the clean set alone: the accuracy on the clean images of the
     # classes not flagged (a re-initialised row may legitimately lag; a diverged network loses every class).
     kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype))
@@ -485,8 +515,7 @@ def purify(
     tries = relearning_tries(cfg)
     for n, (lr, freeze_bn) in enumerate(tries, 1):
         model.load_state_dict(original_state)
-        relearn(model, layer, layer_name, x_train, y_train, x_held, y_held, flagged, targets, w_original, result, teacher, gen,
-                cfg, lr, freeze_bn, report, monitor, progress)
+        relearn(model, plan, cfg, lr, freeze_bn, report, monitor, progress)
         end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
         report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_after": end_acc})
         if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
@@ -504,5 +533,5 @@ def purify(
     return model.eval(), report
 
 
-__all__ = ["PRESETS", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
-           "reinitialise", "relearn", "relearning_tries", "scan_config", "source_unlearning", "trigger_unlearning"]
+__all__ = ["PRESETS", "Repair", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
+           "reinitialise", "relearn", "relearning_penalties", "relearning_tries", "scan_config", "source_unlearning", "trigger_unlearning"]
