@@ -18,10 +18,10 @@ from pathlib import Path
 
 from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
-from ulrl.detection.scan import _df, config_from_parameters, decide
+from ulrl.detection.scan import config_from_parameters, decide, null_df
 
 sys.path.insert(0, str(Path(__file__).parent))
-from signal_study import _truth  # noqa: E402
+from signal_study import true_target  # noqa: E402
 from study import key  # noqa: E402
 
 
@@ -52,12 +52,12 @@ def recompute(scan: dict, d: int, how: str = "score") -> tuple[dict, dict]:
     for name, rows in draws.items():
         if how == "score":
             values = _adjusted(u, _mean(u["draw_scores"][:d])) if name == "universal" else _mean(rows)
-            test = stats.outlier_test(values, _df(cfg, name), 0.0, cfg.z_scale)
+            test = stats.outlier_test(values, null_df(cfg, name), 0.0, cfg.z_scale)
             p[name], pm[name], z[name] = test["p"], test["p_model"], test["z"]
         else:
-            zs = [stats.outlier_test(row, _df(cfg, name), 0.0, cfg.z_scale)["z"] for row in rows]
+            zs = [stats.outlier_test(row, null_df(cfg, name), 0.0, cfg.z_scale)["z"] for row in rows]
             z[name] = [sum(col) / len(col) for col in zip(*zs, strict=True)]
-            one, top = stats.null_z(len(z[name]), _df(cfg, name), cfg.z_scale)
+            one, top = stats.null_z(len(z[name]), null_df(cfg, name), cfg.z_scale)
             p[name], pm[name] = [stats.tail_p(one, v) for v in z[name]], stats.tail_p(top, max(z[name]))
     return decide(p, pm, scan["all_to_all"], cfg), z
 
@@ -78,7 +78,7 @@ def main() -> None:
         out = {}
         for r in records:
             dec, z = recompute(r["scan"], d, a.how)
-            out[key(r)] = (_truth(r["attack_spec"]), dec["suspected"], dec["p_value"], z)
+            out[key(r)] = (true_target(r["attack_spec"]), dec["suspected"], dec["p_value"], z)
         rows[d] = out
         one = [v for v in out.values() if isinstance(v[0], int)]
         clean = [v for v in out.values() if v[0] is None]

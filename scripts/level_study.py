@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
-from ulrl.detection.scan import _search, config_from_parameters, decide
+from ulrl.detection.scan import config_from_parameters, decide, search_config
 from ulrl.detection.universal import universal_radii
 
 sys.path.insert(0, str(Path(__file__).parent))
-from signal_study import _rescaled, _truth  # noqa: E402
+from signal_study import rescaled, true_target  # noqa: E402
 from study import append_line, key, main, stored_runs  # noqa: E402
 
 LEVELS = ("0.25", "0.5", "0.75", "0.9")
@@ -34,14 +34,14 @@ def search(root: str, out: str) -> None:
     with open(out, "a") as f:
         for r, model, x, y, k in stored_runs(root, out):
             cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"])
-            u = universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
+            u = universal_radii(model, x, y, k, search_config(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
                                 seed=cfg.seed)
             append_line(f, {"run": key(r), "levels": {q: u["levels"][q] for q in LEVELS}})
 
 
 def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
     """The default verdict of scan ``r`` with the universal statistic ``radii``; and that signal's z."""
-    sc = _rescaled(r["scan"], "trimmed", {})
+    sc = rescaled(r["scan"], "trimmed", {})
     cfg = config_from_parameters(sc["parameters"])
     score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
     gap = sc["signals"]["universal"]["extra"].get("clean_gap")  # absent: the scan did not adjust (uap_adjust, < 8 classes)
@@ -57,7 +57,7 @@ def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
 def verdicts(root: str, scores: str) -> None:
     levels = {d["run"]: d["levels"] for d in map(json.loads, open(scores))}
     records = [r for r in benchmark_scans(root) if key(r) in levels]
-    out = {q: {key(r): (_truth(r["attack_spec"]), *_decide(r, levels[key(r)][q])) for r in records} for q in LEVELS}
+    out = {q: {key(r): (true_target(r["attack_spec"]), *_decide(r, levels[key(r)][q])) for r in records} for q in LEVELS}
     print(f"{len(records)} scans of {root}\n")
     print("| level | target found | all-to-all found | clean class also suspected | false positives | smallest clean p "
           "| largest clean universal z | largest backdoored p |")

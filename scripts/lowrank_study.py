@@ -23,14 +23,14 @@ from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
 from ulrl.detection.scan import (
     ScanConfig,
-    _universal,
     config_from_parameters,
     decide,
     search_resolution,
+    universal_signal,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from signal_study import _rescaled, _truth  # noqa: E402
+from signal_study import rescaled, true_target  # noqa: E402
 from study import append_line, key, main, stored_runs  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def search(root: str, out: str) -> None:
         for r, model, x, y, k in stored_runs(root, out):
             # the scan's universal signal (score regressed on the clean logit gap), its search held to rank 1
             cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"], uap_draws=1)
-            radius, score, _ = _universal(model, x, y, k, cfg, False, rank=1)
+            radius, score, _ = universal_signal(model, x, y, k, cfg, False, rank=1)
             append_line(f, {"run": key(r), "radius": radius, "score": score})
 
 
@@ -51,7 +51,7 @@ def verdicts(root: str, scores: str) -> None:
     def run(how: str, df: float) -> dict:
         out = {}
         for r in records:
-            sc = _rescaled(r["scan"], "trimmed", {})
+            sc = rescaled(r["scan"], "trimmed", {})
             cfg = config_from_parameters(sc["parameters"])
             p = {s: e["p"] for s, e in sc["signals"].items()}
             pm = {s: e["p_model"] for s, e in sc["signals"].items()}
@@ -62,7 +62,7 @@ def verdicts(root: str, scores: str) -> None:
                 else:  # the smaller of the two p-values per class, Sidak-corrected for taking it
                     p["universal"] = [1 - (1 - min(a, b)) ** 2 for a, b in zip(p["universal"], low["p"], strict=True)]
             d = decide(p, pm, sc["all_to_all"], cfg)
-            out[key(r)] = (_truth(r["attack_spec"]), d["suspected"], d["p_value"])
+            out[key(r)] = (true_target(r["attack_spec"]), d["suspected"], d["p_value"])
         found = sum(t in s for t, s, _ in out.values() if isinstance(t, int))
         targets = sum(isinstance(t, int) for t, _, _ in out.values())
         other = sum(any(c != t for c in s) for t, s, _ in out.values() if isinstance(t, int))

@@ -31,7 +31,7 @@ from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.defenses.nc import NCConfig, reverse_engineer
 from ulrl.detection import stats
-from ulrl.detection.scan import _df, config_from_parameters, search_resolution
+from ulrl.detection.scan import config_from_parameters, null_df, search_resolution
 from ulrl.pipeline import select_clean
 
 SETTINGS = [("fisher", 3.0, 0.0), ("fisher", math.inf, 0.0), ("own", 3.0, 0.1), ("own", math.inf, 0.1), ("own", math.inf, 0.05)]
@@ -64,11 +64,11 @@ def verdict(scan: dict, score: list[float], mode: str, df: float, share: float) 
     p, pm = {}, {}
     for name, ev in scan["signals"].items():
         floor = search_resolution(cfg) if name == "warp" else 0.0
-        t = stats.outlier_test([-math.inf if v is None else v for v in ev["score"]], _df(cfg, name), floor, cfg.z_scale)
+        t = stats.outlier_test([-math.inf if v is None else v for v in ev["score"]], null_df(cfg, name), floor, cfg.z_scale)
         p[name], pm[name] = t["p"], t["p_model"]
     mask = stats.outlier_test(score, df, 0.0, cfg.z_scale)
     used = [s for s in ("universal", "margin", "weight-change") if s in p]
-    ps, dfs = [p[s] for s in used], [_df(cfg, s) for s in used]
+    ps, dfs = [p[s] for s in used], [null_df(cfg, s) for s in used]
     if mode == "fisher":
         ps, dfs = ps + [mask["p"]], dfs + [df]
     comb = stats.combine(torch.tensor(ps), tuple(dfs), scale=cfg.z_scale)

@@ -21,14 +21,14 @@ from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
 from ulrl.detection.scan import (
     ScanConfig,
-    _pull,
-    _universal,
     config_from_parameters,
     decide,
+    pull_signal,
+    universal_signal,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from signal_study import _rescaled, _truth  # noqa: E402
+from signal_study import rescaled, true_target  # noqa: E402
 from study import append_line, key, main, stored_runs  # noqa: E402
 
 RATIOS = (0.3, 0.4, 0.5, 0.6)
@@ -38,8 +38,8 @@ def search(root: str, out: str) -> None:
     with open(out, "a") as f:
         for r, model, x, y, k in stored_runs(root, out):
             cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"], uap_draws=1)  # the scan's own search
-            radius, _, extra = _universal(model, x, y, k, cfg, False)
-            pull = {f"{q:g}": _pull(extra["curves"], dataclasses.replace(cfg, pull_ratio=q))[0] for q in RATIOS}
+            radius, _, extra = universal_signal(model, x, y, k, cfg, False)
+            pull = {f"{q:g}": pull_signal(extra["curves"], dataclasses.replace(cfg, pull_ratio=q))[0] for q in RATIOS}
             append_line(f, {"run": key(r), "radius": radius, "pull": pull})
 
 
@@ -50,7 +50,7 @@ def verdicts(root: str, scores: str) -> None:
     def run(ratio: str | None, df: float, alone: bool = False) -> dict:
         out = {}
         for r in records:
-            sc = _rescaled(r["scan"], "trimmed", {})
+            sc = rescaled(r["scan"], "trimmed", {})
             cfg = config_from_parameters(sc["parameters"])
             p = {s: e["p"] for s, e in sc["signals"].items()}
             pm = {s: e["p_model"] for s, e in sc["signals"].items()}
@@ -64,7 +64,7 @@ def verdicts(root: str, scores: str) -> None:
                     cfg = dataclasses.replace(cfg, signals=tuple(p), verdict_signals=None)
                 cfg.null_df_pull = df
             d = decide(p, pm, sc["all_to_all"] if not alone else {}, cfg)
-            out[key(r)] = (_truth(r["attack_spec"]), d["suspected"], d["p_value"])
+            out[key(r)] = (true_target(r["attack_spec"]), d["suspected"], d["p_value"])
         found = sum(t in s for t, s, _ in out.values() if isinstance(t, int))
         targets = sum(isinstance(t, int) for t, _, _ in out.values())
         a2a = sum(bool(s) for t, s, _ in out.values() if t == "all")

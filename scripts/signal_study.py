@@ -25,7 +25,7 @@ from ulrl.detection import stats
 from ulrl.detection.scan import config_from_parameters, decide, search_resolution
 
 
-def _truth(spec):
+def true_target(spec):
     if not spec:
         return None
     return "all" if spec.get("mode") == "all2all" else int(spec["target"])
@@ -40,7 +40,7 @@ def _raw(scan: dict) -> dict:
     return {**scan, "signals": {**scan["signals"], "universal": {**u, "p": test["p"], "z": test["z"], "p_model": test["p_model"]}}}
 
 
-def _rescaled(scan: dict, scale: str, overrides: dict) -> dict:
+def rescaled(scan: dict, scale: str, overrides: dict) -> dict:
     """The scan with every signal's z and p recomputed from its stored score with the yardstick ``scale``
     (and the parameters ``overrides``)."""
     cfg = config_from_parameters(scan["parameters"], z_scale=scale, **overrides)
@@ -75,7 +75,7 @@ def main() -> None:
     records = [r for d in args.results for r in benchmark_scans(d)]
     if args.z_scale:
         overrides = {k: float(v) for k, v in (item.split("=", 1) for item in args.set)}
-        records = [{**r, "scan": _rescaled(r["scan"], args.z_scale, overrides)} for r in records]
+        records = [{**r, "scan": rescaled(r["scan"], args.z_scale, overrides)} for r in records]
     if args.raw_universal:
         records = [{**r, "scan": _raw(r["scan"])} for r in records]
     names = sorted(records[0]["scan"]["signals"])
@@ -88,7 +88,7 @@ def main() -> None:
                 continue  # the pull reads the universal search
             found = total = a2a_found = a2a_total = extra = fp = clean = 0
             for r in records:
-                truth = _truth(r.get("attack_spec"))
+                truth = true_target(r.get("attack_spec"))
                 det, sus, kind = verdict(r["scan"], subset, args.alpha, args.warp_in_fisher)
                 if truth is None:
                     clean += 1
@@ -105,7 +105,7 @@ def main() -> None:
     print("| attack | clean seed | " + " | ".join(f"{s} z" for s in names) + " | p | suspected |")
     print("|---|---|" + "---|" * len(names) + "---|---|")
     for r in sorted(records, key=lambda r: (r["attack"], r["seed"], r["clean_seed"])):
-        truth = _truth(r.get("attack_spec"))
+        truth = true_target(r.get("attack_spec"))
         if not isinstance(truth, int):
             continue
         zs = " | ".join(f"{r['scan']['signals'][s]['z'][truth]:.1f}" for s in names)

@@ -13,7 +13,7 @@ from torch import nn
 from ulrl.bench import benchmark_scans
 from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
-from ulrl.detection.scan import _frozen
+from ulrl.detection.scan import frozen_copy
 from ulrl.pipeline import select_clean
 
 
@@ -33,7 +33,7 @@ def stored_runs(root: str, out: str) -> Iterator[tuple[dict, nn.Module, torch.Te
         data.setdefault(name, load_dataset(name))
         ckpt = Path(root) / "models" / name / r["model"] / r["attack_key"] / f"seed{r['seed']}.safetensors"
         idx = select_clean(data[name], r["clean_ratio"], None, r["clean_seed"])
-        yield r, _frozen(load_checkpoint(str(ckpt))[0], "cpu"), data[name].train_x[idx], data[name].train_y[idx], \
+        yield r, frozen_copy(load_checkpoint(str(ckpt))[0], "cpu"), data[name].train_x[idx], data[name].train_y[idx], \
             data[name].num_classes
 
 

@@ -261,7 +261,7 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
     real, calls = method.relearn, []
 
     def first_diverges(model, *args, **kw):
-        calls.append(args[14])  # freeze_bn of this try
+        calls.append(args[3])  # freeze_bn of this try (model, repair, cfg, lr, freeze_bn, ...)
         real(model, *args, **kw)
         if len(calls) == 1:
             with torch.no_grad():

@@ -193,7 +193,7 @@ def _finite(o: Any) -> Any:
     return o
 
 
-def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalConfig:
+def search_config(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalConfig:
     """The continuation search every signal of :mod:`.universal` runs: the scan's images per class, growth, step and
     flip level (unless ``kw`` names another), from radius ``first`` to ``last``."""
     return UniversalConfig(cfg.uap_per_class, first, last, cfg.uap_growth, cfg.uap_step, **{"flip": cfg.uap_level, **kw})
@@ -202,14 +202,14 @@ def _search(cfg: ScanConfig, first: float, last: float, **kw: Any) -> UniversalC
 DRAW_SEED_STRIDE = 1000  # draw j of the universal search samples its images with seed + j * stride
 
 
-def _universal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -> tuple[list[float], list[float], dict]:
+def universal_signal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: Any) -> tuple[list[float], list[float], dict]:
     """The universal signal. The search sees five images per class, so one search's radius is noisy. It is run on
     ``uap_draws`` independent draws of images (seeds ``seed + j * DRAW_SEED_STRIDE``; draw 0 is the default, single
     search) and each class's score is the mean of its ``-log(radius)`` over them; the statistic, the geometric mean
     radius. The perturbations and the per-source radii are draw 0's. More draws did not help on the benchmark
     (docs/detection.md, "Draws of the universal search"). ``search``: other settings (``rank=1``: scripts/lowrank_study.py)."""
     score_level = min(cfg.uap_score_level, cfg.uap_level)  # the search stops at uap_level: nothing is read beyond
-    draws = [universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, flip=score_level,
+    draws = [universal_radii(model, x, y, k, search_config(cfg, cfg.uap_min_rms, cfg.uap_max_rms, flip=score_level,
                                                      stop=cfg.uap_level, pair_level=cfg.uap_level, **search),
                              seed=cfg.seed + j * DRAW_SEED_STRIDE, device=cfg.device, progress=progress)
              for j in range(cfg.uap_draws)]
@@ -239,7 +239,7 @@ def pull_of_draw(log_radii: list[float], margins: list[list[float]], radius: lis
     return [v if math.isfinite(v) else lowest for v in m], at
 
 
-def _pull(curves: list[tuple[list[float], list[list[float]], list[float]]], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
+def pull_signal(curves: list[tuple[list[float], list[list[float]], list[float]]], cfg: ScanConfig) -> tuple[list[float], list[float], dict]:
     """The pull signal, from the universal searches' margins: per class, the mean margin toward it of the other
     classes' images at a radius below the one a typical class needs (``pull_ratio`` times the median class's
     radius at ``uap_level``, in each draw), averaged over the draws. There a clean model's classes are not reached yet and sit close
@@ -258,12 +258,12 @@ def _pairwise(model, x, y, k, cfg: ScanConfig, progress: bool) -> dict:
     """Per (source, target) the radius at which the source's images reach the target, each pair with a perturbation
     of its own: an all-to-all trigger (a patch that sends every class to its own target) is one perturbation per
     source, which no single perturbation toward a target reproduces. As many forward passes as the universal search."""
-    return universal_radii(model, x, y, k, _search(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=1.0, pairwise=True),
+    return universal_radii(model, x, y, k, search_config(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=1.0, pairwise=True),
                            seed=cfg.seed, device=cfg.device, progress=progress)
 
 
 def _warp(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[list[float], list[float], dict]:
-    u = universal_radii(model, x, y, k, _search(cfg, cfg.warp_min_px, cfg.warp_max_px, stop=1.0, transform="warp",
+    u = universal_radii(model, x, y, k, search_config(cfg, cfg.warp_min_px, cfg.warp_max_px, stop=1.0, transform="warp",
                                                 warp_grid=cfg.warp_grid),
                         seed=cfg.seed, device=cfg.device, progress=progress)
     # most classes are never reached by a warp of a few pixels: rank by the mean log radius over images
@@ -296,10 +296,10 @@ def _weight_change(model, x, y, k, cfg: ScanConfig, progress: bool) -> tuple[lis
     return first, score, {"layer": name, **looks}
 
 
-_RUN = {"universal": _universal, "warp": _warp, "margin": _margin, "weight-change": _weight_change}
+_RUN = {"universal": universal_signal, "warp": _warp, "margin": _margin, "weight-change": _weight_change}
 
 
-def _df(cfg: ScanConfig, signal: str) -> float:
+def null_df(cfg: ScanConfig, signal: str) -> float:
     return getattr(cfg, "null_df_" + signal.replace("-", "_"))
 
 
@@ -320,7 +320,7 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
     patch or a blend dilutes the signals that do (docs/detection.md)."""
     used = combined_signals(cfg, list(p))
     k = len(p[used[0]])
-    comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(_df(cfg, s) for s in used), scale=cfg.z_scale) \
+    comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(null_df(cfg, s) for s in used), scale=cfg.z_scale) \
         if len(used) > 1 else {"p": p[used[0]], "p_model": p_model[used[0]]}
     tests = {}  # name: (p-value, share of alpha)
     if a2a and cfg.all_to_all_share > 0:
@@ -346,7 +346,7 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
 WEAK_EVIDENCE = 2.0  # "no evidence" with p <= this x alpha gets a note naming the most suspicious class
 
 
-def _frozen(model: nn.Module, device: str) -> nn.Module:
+def frozen_copy(model: nn.Module, device: str) -> nn.Module:
     """A copy in eval mode without parameter gradients: the searches differentiate inputs only."""
     return copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
@@ -364,7 +364,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     missing = (present == 0).nonzero().flatten().tolist()
     if k < 3:
         raise UserError(f"scanning needs at least 3 classes to compare, the model has {k}")
-    frozen = _frozen(model, cfg.device)
+    frozen = frozen_copy(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
     perturbations = warps = curves = None
@@ -372,13 +372,13 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         t0 = time.perf_counter()
         target = model if name == "weight-change" else frozen  # weight change trains a copy of its own
         if name == "pull":
-            statistic, score, extra = _pull(curves, cfg)
+            statistic, score, extra = pull_signal(curves, cfg)
         else:
             statistic, score, extra = _RUN[name](target, x, y, k, cfg, progress)
             curves = extra.pop("curves", curves)
         perturbations = extra.pop("perturbations", perturbations)
         warps = extra.pop("warps", warps)
-        test = stats.outlier_test(score, _df(cfg, name), extra.pop("resolution", 0.0), cfg.z_scale)
+        test = stats.outlier_test(score, null_df(cfg, name), extra.pop("resolution", 0.0), cfg.z_scale)
         seconds[name] = time.perf_counter() - t0
         evidence[name] = Evidence(statistic, score, test["z"], test["p"], test["p_model"], seconds[name], extra)
     a2a: dict[str, Any] = {}
