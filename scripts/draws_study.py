@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
-from ulrl.detection.scan import config_from_parameters, decide, null_df
+from ulrl.detection.scan import config_from_parameters, decide, gap_adjusted, null_df
 
 sys.path.insert(0, str(Path(__file__).parent))
 from signal_study import true_target  # noqa: E402
@@ -35,7 +35,7 @@ def _mean(rows: list[list[float | None]]) -> list[float]:
 
 
 def _adjusted(u: dict, score: list[float]) -> list[float]:
-    return stats.theil_sen_residual([-g for g in u["clean_gap"]], score)[0] if "clean_gap" in u else score
+    return gap_adjusted(score, u["clean_gap"])[0] if "clean_gap" in u else score
 
 
 def recompute(scan: dict, d: int, how: str = "score") -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ulrl.bench import benchmark_scans
 from ulrl.detection import stats
-from ulrl.detection.scan import config_from_parameters, decide, search_config
+from ulrl.detection.scan import config_from_parameters, decide, gap_adjusted, search_config
 from ulrl.detection.universal import universal_radii
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,7 +46,7 @@ def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
     score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
     gap = sc["signals"]["universal"]["extra"].get("clean_gap")  # absent: the scan did not adjust (uap_adjust, < 8 classes)
     if gap is not None:
-        score = stats.theil_sen_residual([-g for g in gap], score)[0]
+        score = gap_adjusted(score, gap)[0]
     test = stats.outlier_test(score, cfg.null_df_universal, 0.0, cfg.z_scale)
     p = {s: e["p"] for s, e in sc["signals"].items()}
     pm = {s: e["p_model"] for s, e in sc["signals"].items()}

@@ -31,7 +31,7 @@ from ulrl.checkpoints import load_checkpoint
 from ulrl.data import load_dataset
 from ulrl.defenses.nc import NCConfig, reverse_engineer
 from ulrl.detection import stats
-from ulrl.detection.scan import config_from_parameters, null_df, search_resolution
+from ulrl.detection.scan import config_from_parameters, gap_adjusted, null_df, search_resolution
 from ulrl.pipeline import select_clean
 
 SETTINGS = [("fisher", 3.0, 0.0), ("fisher", math.inf, 0.0), ("own", 3.0, 0.1), ("own", math.inf, 0.1), ("own", math.inf, 0.05)]
@@ -98,7 +98,7 @@ def report(root: Path, scores: Path, adjust: bool = False) -> None:
             score = [-math.log(v) if ok else -math.inf for v, ok in zip(row["norm"], row["succeeded"], strict=True)]
             if adjust:  # as the universal signal: the residual on the class's clean logit gap
                 gap = rec["scan"]["signals"]["universal"]["extra"]["clean_gap"]
-                score = stats.theil_sen_residual([-g for g in gap], score)[0]
+                score = gap_adjusted(score, gap)[0]
             p_value, kind, suspected, mask = verdict(rec["scan"], score, mode, df, share)
             spec = rec.get("attack_spec") or {}
             if not spec:

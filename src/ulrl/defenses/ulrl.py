@@ -337,7 +337,7 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
     if len(result.suspected) > cfg.max_neurons:
         report.notes.append(f"the scan suspects {result.suspected}; the cap (max_neurons={cfg.max_neurons}) keeps {flagged}")
     if not flagged and cfg.force_repair:
-        flagged = [min(range(result.num_classes), key=lambda c: result.p_class[c])]
+        flagged = [result.most_suspicious]
         report.notes.append(f"no evidence of a backdoor (p = {result.p_value:.3g}); force_repair relearns the most "
                             f"suspicious class {flagged}")
     return flagged, flagged, result

@@ -175,6 +175,10 @@ class ScanResult:
     def backdoored(self) -> bool:
         return self.verdict == "backdoored"
 
+    @property
+    def most_suspicious(self) -> int:
+        return most_suspicious(self.p_class)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON: non-finite numbers (a class never reached) become ``None``."""
         out = asdict(self)
@@ -225,8 +229,14 @@ def universal_signal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: 
         # (a robust line needs points to spare: with fewer than 8 classes it would pass through most of them)
         gap = clean_gap(model, x, y, k, cfg.device)
         extra.update(raw_score=score, clean_gap=gap)
-        score, extra["adjust_slope"], extra["adjust_intercept"] = stats.theil_sen_residual([-g for g in gap], score)
+        score, extra["adjust_slope"], extra["adjust_intercept"] = gap_adjusted(score, gap)
     return radius, score, extra
+
+
+def gap_adjusted(score: list[float], gap: list[float]) -> tuple[list[float], float, float]:
+    """The universal score with what each class's clean logit gap explains taken out: the residuals around a robust
+    (Theil-Sen) line of the score on minus the gap, its slope and intercept."""
+    return stats.theil_sen_residual([-g for g in gap], score)
 
 
 def pull_of_draw(log_radii: list[float], margins: list[list[float]], radius: list[float], ratio: float) -> tuple[list[float], float]:
@@ -346,6 +356,11 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
 WEAK_EVIDENCE = 2.0  # "no evidence" with p <= this x alpha gets a note naming the most suspicious class
 
 
+def most_suspicious(p_class: list[float]) -> int:
+    """The class with the smallest combined p-value (the first, on a tie)."""
+    return min(range(len(p_class)), key=lambda c: p_class[c])
+
+
 def frozen_copy(model: nn.Module, device: str) -> nn.Module:
     """A copy in eval mode without parameter gradients: the searches differentiate inputs only."""
     return copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -396,7 +411,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
     if not d["suspected"] and d["p_value"] <= WEAK_EVIDENCE * cfg.alpha:  # the verdict stays; the user should know
-        top = min(range(k), key=lambda c: d["p_class"][c])
+        top = most_suspicious(d["p_class"])
         notes.append(f"weak evidence, below the verdict's bar: class {top} is the most suspicious (p = {d['p_value']:.3g}, "
                      f"alpha = {cfg.alpha}); scan again with another clean set (--seed) or more clean images, or "
                      f"repair that class anyway (force_repair)")
