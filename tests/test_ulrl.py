@@ -199,3 +199,28 @@ def test_probe_trains_the_flagged_rows_with_the_backbone_fixed(tiny):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("features."))
     assert not torch.equal(before["fc.weight"][report.flagged], after["fc.weight"][report.flagged])
     assert make_config("paper").probe_epochs == 0
+
+
+def test_source_unlearning_uses_own_or_random_classes_perturbations():
+    """All-to-all repair: each image carries its own class's perturbation ("own") or a random class's ("any")."""
+    from ulrl.defenses.ulrl import source_unlearning
+
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return torch.zeros(len(x), 3, requires_grad=True)
+
+    deltas = torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1, 1).expand(3, 1, 2, 2).contiguous()
+    x, y = torch.full((60, 1, 2, 2), 0.5), torch.arange(60) % 3
+
+    def used(batch):
+        return (batch[:, 0, 0, 0] - 0.6).div(0.1).round().long()
+
+    source_unlearning(Record(), deltas, 1.0)(x, None, y)
+    assert len(seen) == 1 and torch.equal(used(seen[0]), y)
+    source_unlearning(Record(), deltas, 1.0, "any")(x, None, y)
+    assert len(seen) == 2 and (used(seen[1]) != y).sum() > 20 and set(used(seen[1]).tolist()) == {0, 1, 2}
+    with pytest.raises(UserError, match="all_to_all_sources"):
+        make_config("default", all_to_all_sources="mixed")

@@ -31,8 +31,9 @@ fixed (``probe_epochs``, a linear probe as in LP-FT, docs/method.md, Finding 9):
 trained together with the backbone bends the features toward itself, and the flagged class paid
 for it. An all-to-all
 backdoor (every class a target) has no row to single out: no row is re-initialised, and relearning
-unlearns, for every class, the scan's perturbation from that class to its target
-(``all_to_all_repair="features"``).
+unlearns the scan's perturbations from each class to its target (``all_to_all_repair="features"``),
+each clean image carrying one of them at random, keeping its label (``all_to_all_sources="any"``:
+the trigger is one pattern for every class, which no single class's perturbation recovers whole).
 """
 
 from __future__ import annotations
@@ -74,9 +75,13 @@ class ULRLConfig:
     max_neurons: int = 2
     # detect=scan, an all-to-all verdict (every class a target): "rows" re-initialises the first max_neurons rows like an
     # all-to-one backdoor; "features" re-initialises none (a cap of 2 left 9-18% ASR, all 10 rows cost 9 points of ACC)
-    # and relearns with each class's own shortcut to its target unlearned and distillation on every class
+    # and relearns with the classes' shortcuts to their targets unlearned and distillation on every class
     all_to_all_repair: str = "rows"
     all_to_all_scale: float | None = None  # the size of each class's own perturbation unlearned (None: trigger_scale)
+    # whose perturbation each clean image carries: "own" (its class's) or "any" (a random class's): the field's
+    # all-to-all triggers are one pattern for every source, which one source's perturbation (fitted on five images)
+    # recovers only in part (docs/method.md, Finding 7)
+    all_to_all_sources: str = "own"
     rank_by: str = "score"  # which flagged rows the cap keeps: highest "score" first, or lowest class "index" (reference)
     second_look: bool = False  # detect=unlearning: unlearn again with the flagged classes masked; flag that collapse too
     second_look_freeze_bn: bool = False  # BatchNorm statistics fixed during the second look
@@ -128,6 +133,8 @@ class ULRLConfig:
             raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
         if self.reinit not in ("he", "matched", "prototype"):
             raise UserError(f"reinit must be 'he', 'matched' or 'prototype', got {self.reinit!r}")
+        if self.all_to_all_sources not in ("own", "any"):
+            raise UserError(f"all_to_all_sources must be 'own' or 'any', got {self.all_to_all_sources!r}")
         if self.all_to_all_repair not in ("rows", "features"):
             raise UserError(f"all_to_all_repair must be 'rows' or 'features', got {self.all_to_all_repair!r}")
         if self.detect not in ("unlearning", "scan"):
@@ -153,7 +160,7 @@ PRESETS = {
     # docs/detection.md; docs/method.md, Findings 4, 9 and 10
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
                 "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "probe_epochs": 10,
-                "all_to_all_repair": "features", "all_to_all_scale": 0.75},
+                "all_to_all_repair": "features", "all_to_all_scale": 0.75, "all_to_all_sources": "any"},
 }
 
 
@@ -260,11 +267,15 @@ def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int
     return penalty
 
 
-def source_unlearning(model: nn.Module, deltas: torch.Tensor, beta: float):
-    """``beta * CE(model(x + deltas[y]), y)``: for an all-to-all backdoor, each clean image carries the perturbation
-    the scan found from its own class to that class's target (``deltas``: one per source class) and keeps its label."""
+def source_unlearning(model: nn.Module, deltas: torch.Tensor, beta: float, sources: str = "own"):
+    """``beta * CE(model(x + deltas[s]), y)``: for an all-to-all backdoor, each clean image carries the perturbation
+    the scan found from a class ``s`` to that class's target (``deltas``: one per source class) and keeps its label;
+    ``s`` is the image's own class (``sources="own"``) or a random class (``"any"``)."""
+    gen = torch.Generator().manual_seed(0)
+
     def penalty(x: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return beta * F.cross_entropy(model((x + deltas.to(x.device)[y]).clamp(0, 1)), y)
+        src = y if sources == "own" else torch.randint(len(deltas), y.shape, generator=gen).to(y.device)
+        return beta * F.cross_entropy(model((x + deltas.to(x.device)[src]).clamp(0, 1)), y)
 
     return penalty
 
@@ -378,7 +389,7 @@ def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
         k, shift = scan_result.num_classes, scan_result.all_to_all["shift"]
         own = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])
         scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
-        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn))
+        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn, cfg.all_to_all_sources))
     elif scan_result.perturbations is not None:
         deltas = scan_result.perturbations[r.targets] * cfg.trigger_scale
         warps = None

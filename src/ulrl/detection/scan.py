@@ -222,7 +222,7 @@ def universal_signal(model, x, y, k, cfg: ScanConfig, progress: bool, **search: 
     u = draws[0]
     radius = u["radius"] if len(draws) == 1 else [math.exp(-v) for v in score]
     extra = {"pair_radius": u["pair_radius"], "images": u["images"], "steps": u["steps"], "perturbations": u["deltas"],
-             "curves": [(d["log_radii"], d["margins"], d["levels"][f"{cfg.uap_level:g}"]) for d in draws]}
+             "curves": [(d["log_radii"], d["margins"], d["stop_radius"]) for d in draws]}
     if cfg.uap_draws > 1:
         extra["draw_scores"] = per_draw
     if cfg.uap_adjust and k >= 8:  # what the clean data's closeness to each class explains is not evidence

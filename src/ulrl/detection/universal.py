@@ -131,7 +131,9 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     a class once the class is reached). Also the final perturbations (``deltas``: K x C x H x W, K x K x C x H x W
     per (target, source) with ``pairwise``, or K x 2 x g x g displacement fields for ``transform="warp"``), and at
     every radius searched (``log_radii``) each class's mean margin toward it over those images (``margins``: K lists,
-    ``nan`` once the class's search stopped), which the scan's pull signal reads."""
+    ``nan`` once the class's search stopped), which the scan's pull signal reads; ``levels``: per flip level, the
+    radius at which that fraction flipped (0.25, 0.5, 0.75, 0.9, ``flip`` and ``stop``), ``stop_radius`` the one at
+    ``stop``."""
     if cfg.transform not in ("add", "warp") or (cfg.transform == "warp" and (cfg.per_image or cfg.pairwise or cfg.norm != "l2")):
         raise ValueError(f"transform must be 'add', or 'warp' with the l2 norm and one field per class, got {cfg}")
     if cfg.per_image and cfg.pairwise:
@@ -211,7 +213,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
     pair = [[math.inf if s == t else math.exp(_crossing(pair_frac[:used, s, t].nan_to_num(0.0), log_r, pair_level))
              for t in range(k)] for s in range(k)]
     return {"radius": radius, "mean_log_radius": mean_log, "pair_radius": pair, "deltas": delta.cpu(), "images": n,
-            "steps": used, "levels": levels, "log_radii": log_r.tolist(), "margins": margin[:used].T.tolist()}
+            "steps": used, "levels": levels, "stop_radius": levels[f"{cfg.stop:g}"], "log_radii": log_r.tolist(),
+            "margins": margin[:used].T.tolist()}
 
 
 def _margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
