@@ -1,6 +1,6 @@
 """A model trained on the clean set alone as the yardstick of natural attractors (docs/detection.md, "What still fails").
 
-    python scripts/reference_study.py RESULTS_DIR [RESULTS_DIR ...] --out REF.jsonl [--only sig,lc,none] [--universal]
+    python scripts/reference_study.py RESULTS_DIR [RESULTS_DIR ...] --out REF.jsonl [--only sig,lc,none] [--universal] [--distill]
     python scripts/reference_study.py RESULTS_DIR [RESULTS_DIR ...] --scores REF.jsonl
 
 Some classes stand out on every clean model of a dataset: Fashion-MNIST's Sandal and Bag have the largest natural
@@ -14,6 +14,7 @@ difference) beside the scan's own.
 """
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ulrl.bench import benchmark_scans
+from ulrl.defenses.ulrl import with_distillation
 from ulrl.detection import stats
 from ulrl.detection.margin import MarginConfig, max_margins
 from ulrl.detection.scan import config_from_parameters, search_config
@@ -34,19 +36,21 @@ from signal_study import true_target  # noqa: E402
 from study import append_line, key, stored_runs  # noqa: E402
 
 
-def reference(model, x, y, cfg, epochs: int, seed: int):
-    """The suspect's architecture, re-initialised and trained on the clean set alone."""
-    ref = __import__("copy").deepcopy(model).requires_grad_(True)
+def reference(model, x, y, cfg, epochs: int, seed: int, distill: bool = False):
+    """The suspect's architecture, re-initialised and trained on the clean set alone (``distill``: also matching the
+    suspect's outputs on the clean images, its knowledge of the data without its trigger)."""
+    ref = copy.deepcopy(model).requires_grad_(True)
     torch.manual_seed(seed)
     for m in ref.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     fit(ref, x, y, TrainConfig(epochs=epochs, lr=0.01, batch_size=64, augment=cfg.augment, hflip=cfg.hflip,
-                               crop_pad=cfg.crop_pad, seed=seed), progress=False)
+                               crop_pad=cfg.crop_pad, seed=seed),
+        penalty=with_distillation(copy.deepcopy(model), [], 1.0) if distill else None, progress=False)
     return ref.eval().requires_grad_(False)
 
 
-def search(root: str, out: str, only: list[str], epochs: int, refs: int, universal: bool) -> None:
+def search(root: str, out: str, only: list[str], epochs: int, refs: int, universal: bool, distill: bool) -> None:
     with open(out, "a") as f:
         for r, model, x, y, k in stored_runs(root, out):
             if only and not any(r["attack_key"].startswith(o) for o in only):
@@ -55,7 +59,7 @@ def search(root: str, out: str, only: list[str], epochs: int, refs: int, univers
             rows = []
             for j in range(refs):
                 t0 = time.perf_counter()
-                ref = reference(model, x, y, cfg, epochs, r["clean_seed"] + 100 * j)
+                ref = reference(model, x, y, cfg, epochs, r["clean_seed"] + 100 * j, distill)
                 t1 = time.perf_counter()
                 acc = float((ref(x.float() / 255 if x.dtype == torch.uint8 else x).argmax(1) == y).float().mean())
                 row = {"margin": max_margins(ref, k, tuple(x.shape[1:]), MarginConfig(cfg.margin_starts, cfg.margin_steps,
@@ -92,7 +96,13 @@ def scores(roots: list[str], files: list[str]) -> None:
             zs = [stats.outlier_test(v, math.inf)["z"] for v in (own, res, [a - b for a, b in zip(own, ref, strict=True)])]
             c = t if isinstance(t, int) else max(range(len(own)), key=lambda i: zs[1][i])
             cells = [f"{z[c]:5.1f} ({max(z):4.1f})" for z in zs]
-            print(f"{Path(root).name} {key(r)} | {t} | {cells[0]} | {cells[1]}, {slope:.2f} | {cells[2]}")
+            u = r["scan"]["signals"]["universal"]
+            if "radius" in refs[key(r)][0] and r["scan"]["parameters"].get("uap_score_level") == 0.75:
+                ref_u = [-math.log(v) for v in refs[key(r)][0]["radius"]]  # universal: the scan's adjusted score on it
+                uz = [stats.outlier_test(v, math.inf)["z"] for v in (u["score"], stats.theil_sen_residual(ref_u, u["score"])[0])]
+                ct = t if isinstance(t, int) else max(range(len(own)), key=lambda i: uz[1][i])
+                cells.append(" | universal " + ", ".join(f"{z[ct]:5.1f} ({max(z):4.1f})" for z in uz))
+            print(f"{Path(root).name} {key(r)} | {t} | {cells[0]} | {cells[1]}, {slope:.2f} | {cells[2]}{''.join(cells[3:])}")
 
 
 if __name__ == "__main__":
@@ -104,9 +114,10 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--refs", type=int, default=1)
     ap.add_argument("--universal", action="store_true", help="also the universal search on each reference")
+    ap.add_argument("--distill", action="store_true", help="the reference also matches the suspect's clean outputs")
     a = ap.parse_args()
     if a.out:
         for root in a.results:
-            search(root, a.out, [o for o in a.only.split(",") if o], a.epochs, a.refs, a.universal)
+            search(root, a.out, [o for o in a.only.split(",") if o], a.epochs, a.refs, a.universal, a.distill)
     if a.scores:
         scores(a.results, a.scores)
