@@ -41,12 +41,16 @@ def search(root: str, out: str) -> None:
 
 def _decide(r: dict, radii: list[float]) -> tuple[dict, list[float]]:
     """The default verdict of scan ``r`` with the universal statistic ``radii``; and that signal's z."""
+    score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
+    gap = r["scan"]["signals"]["universal"]["extra"].get("clean_gap")  # absent: the scan did not adjust (uap_adjust, < 8 classes)
+    return universal_verdict(r, gap_adjusted(score, gap)[0] if gap is not None else score)
+
+
+def universal_verdict(r: dict, score: list[float]) -> tuple[dict, list[float]]:
+    """The default verdict of scan ``r`` (default yardstick) with the universal signal's score replaced by ``score``
+    (already adjusted for the clean gap); and that signal's z."""
     sc = rescaled(r["scan"], "trimmed", {})
     cfg = config_from_parameters(sc["parameters"])
-    score = [-math.log(v) if math.isfinite(v) else -math.inf for v in radii]
-    gap = sc["signals"]["universal"]["extra"].get("clean_gap")  # absent: the scan did not adjust (uap_adjust, < 8 classes)
-    if gap is not None:
-        score = gap_adjusted(score, gap)[0]
     test = stats.outlier_test(score, cfg.null_df_universal, 0.0, cfg.z_scale)
     p = {s: e["p"] for s, e in sc["signals"].items()}
     pm = {s: e["p_model"] for s, e in sc["signals"].items()}

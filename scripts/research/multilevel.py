@@ -1,30 +1,26 @@
-"""Universal score read at several flip levels at once (mean of the gap-adjusted scores at 0.5 and 0.75, at 0.25-0.75, at all four) against one level, over the stored scans and the level files of scripts/level_study.py (runs/research/levels/NAME.jsonl). python scripts/research/multilevel.py"""
-import json, math, sys
+"""The universal score read at several flip levels at once (the mean of the gap-adjusted scores at 0.5 and 0.75, at
+0.25-0.75, at all four) against one level, over the stored scans of the benchmarks below and the level files of
+scripts/level_study.py (runs/research/levels/NAME.jsonl). Run from the repository root:
+
+    python scripts/research/multilevel.py
+"""
+import json
+import math
+import sys
+
 sys.path.insert(0, "scripts")  # run from the repository root
-from ulrl.bench import benchmark_scans
-from ulrl.detection import stats
-from ulrl.detection.scan import config_from_parameters, decide, gap_adjusted
-from signal_study import rescaled, true_target
+from level_study import universal_verdict
+from signal_study import true_target
 from study import key
+
+from ulrl.bench import benchmark_scans
+from ulrl.detection.scan import gap_adjusted
 
 SETS = [("runs/bench-v8", "v8"), ("runs/bench-heldout", "heldout"), ("runs/bench-heldout-b", "heldout-b"),
         ("runs/bench-heldout-c", "heldout-c"), ("runs/bench-heldout-c2", "heldout-c2")]
 
 def sc(radii):
     return [-math.log(v) if v is not None and math.isfinite(v) else -math.inf for v in radii]
-
-def run_decide(r, score, zdiv=1.0):
-    s = rescaled(r["scan"], "trimmed", {})
-    cfg = config_from_parameters(s["parameters"])
-    t = stats.outlier_test(score, cfg.null_df_universal, 0.0, cfg.z_scale)
-    if zdiv != 1.0:
-        one, top = stats.null_z(len(score), cfg.null_df_universal, cfg.z_scale)
-        z = [v / zdiv for v in t["z"]]
-        t = {"z": z, "p": [stats.tail_p(one, v) for v in z], "p_model": stats.tail_p(top, max(z))}
-    p = {n: e["p"] for n, e in s["signals"].items()}
-    pm = {n: e["p_model"] for n, e in s["signals"].items()}
-    p["universal"], pm["universal"] = t["p"], t["p_model"]
-    return decide(p, pm, s["all_to_all"], cfg), t["z"]
 
 def variants(r, lv):
     gap = r["scan"]["signals"]["universal"]["extra"]["clean_gap"]
@@ -44,9 +40,10 @@ for root, name in SETS:
     except FileNotFoundError:
         continue
     for r in benchmark_scans(root):
-        if key(r) not in lvs: continue
+        if key(r) not in lvs:
+            continue
         for v, score in variants(r, lvs[key(r)]).items():
-            d, z = run_decide(r, score)
+            d, z = universal_verdict(r, score)
             rows.setdefault(v, []).append((name, key(r), true_target(r["attack_spec"]), d, z))
 
 def summary(rs, sets):

@@ -4,12 +4,15 @@ directions projected out. Natural routes to a class run along the data's directi
     python scripts/research/offmanifold_search.py RESULTS_DIR OUT.jsonl M KEY_PREFIXES   # e.g. runs/bench-heldout-c
         runs/research/offman/offsearch30.jsonl 30 sig,none  (one line per run: the radius at each flip level)
 (The projection is put in place of the rank-r step of universal_radii: a research shortcut.)"""
-import json, math, sys, time
+import sys
+import time
+
 sys.path.insert(0, "scripts")  # run from the repository root
 import torch
+from study import append_line, key, stored_runs
+
 import ulrl.detection.universal as U
 from ulrl.detection.scan import config_from_parameters, search_config
-from study import append_line, key, stored_runs
 
 root, out, m, keys = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
 basis = {}

@@ -6,7 +6,6 @@ score log(rate / (1 - rate)), z against the other classes; printed at the true t
 
     python scripts/research/transfer.py RESULTS_DIR OUT.jsonl KEY_PREFIXES    # e.g. runs/bench-heldout-c ... sig,none
 """
-import json
 import math
 import sys
 
@@ -19,7 +18,7 @@ from study import append_line, key, stored_runs  # noqa: E402
 from ulrl.data.transforms import to_float  # noqa: E402
 from ulrl.detection import stats  # noqa: E402
 from ulrl.detection.scan import config_from_parameters, search_config  # noqa: E402
-from ulrl.detection.universal import _sample, universal_radii  # noqa: E402
+from ulrl.detection.universal import sample_indices, universal_radii  # noqa: E402
 
 root, out, keys = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 with open(out, "a") as f:
@@ -29,9 +28,8 @@ with open(out, "a") as f:
         cfg = config_from_parameters(r["scan"]["parameters"], seed=r["clean_seed"])
         u = universal_radii(model, x, y, k, search_config(cfg, cfg.uap_min_rms, cfg.uap_max_rms, stop=cfg.uap_level),
                             seed=cfg.seed)
-        seen, _ = _sample(torch.arange(len(y))[:, None], y, k, cfg.uap_per_class, torch.Generator().manual_seed(cfg.seed))
-        unseen = torch.ones(len(y), dtype=torch.bool)
-        unseen[seen.flatten().long()] = False
+        unseen = torch.ones(len(y), dtype=torch.bool)  # the images the search did not use (same draw)
+        unseen[sample_indices(y, k, cfg.uap_per_class, torch.Generator().manual_seed(cfg.seed))] = False
         xs, ys = to_float(x[unseen]), y[unseen]
         rate = []
         with torch.no_grad():

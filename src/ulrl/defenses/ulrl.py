@@ -377,8 +377,8 @@ class Repair:
 def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
     """The terms added to the clean loss while relearning: the cosine penalty on the flagged rows, distillation of the
     original (``cfg.distill``), and unlearning of the scan's shortcuts to the targets (``cfg.trigger_unlearn``): each
-    class's own perturbation to its shifted class for an all-to-all verdict, else the targets' universal perturbations
-    (and the warps that reached them)."""
+    class's perturbation to its shifted class for an all-to-all verdict (on images of that class or of any, per
+    ``cfg.all_to_all_sources``), else the targets' universal perturbations (and the warps that reached them)."""
     penalties = [cosine_penalty(r.layer, r.w_original, r.flagged, cfg.alpha, cfg.cos_margin)] if r.flagged else []
     if r.teacher is not None:
         penalties.append(with_distillation(r.teacher, [] if cfg.distill_flagged else r.flagged, cfg.distill))
@@ -387,9 +387,9 @@ def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
         return penalties
     if scan_result.kind == "all-to-all" and scan_result.pair_perturbations is not None:  # source -> source + shift
         k, shift = scan_result.num_classes, scan_result.all_to_all["shift"]
-        own = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])
+        shortcuts = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])  # class c -> its target
         scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
-        penalties.append(source_unlearning(model, own * scale, cfg.trigger_unlearn, cfg.all_to_all_sources))
+        penalties.append(source_unlearning(model, shortcuts * scale, cfg.trigger_unlearn, cfg.all_to_all_sources))
     elif scan_result.perturbations is not None:
         deltas = scan_result.perturbations[r.targets] * cfg.trigger_scale
         warps = None

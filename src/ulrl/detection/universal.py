@@ -77,14 +77,13 @@ def clean_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, device
     return [gap[y != t, t].mean().item() if bool((y != t).any()) else math.nan for t in range(k)]
 
 
-def _sample(x: torch.Tensor, y: torch.Tensor, k: int, per_class: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
+def sample_indices(y: torch.Tensor, k: int, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """The positions in the clean set of the images a search uses: up to ``per_class`` of each class, drawn from ``gen``."""
+    picks = []
     for c in range(k):
         pos = (y == c).nonzero().flatten()
-        pos = pos[torch.randperm(len(pos), generator=gen)[:per_class]]
-        xs.append(to_float(x[pos]))
-        ys.append(y[pos])
-    return torch.cat(xs), torch.cat(ys)
+        picks.append(pos[torch.randperm(len(pos), generator=gen)[:per_class]])
+    return torch.cat(picks)
 
 
 def _crossing(frac: torch.Tensor, log_r: torch.Tensor, level: float) -> float:
@@ -142,7 +141,8 @@ def universal_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         raise ValueError("rank applies to additive perturbations under the l2 norm only")
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
-    xs, ys = _sample(x, y, num_classes, cfg.per_class, gen)
+    picked = sample_indices(y, num_classes, cfg.per_class, gen)
+    xs, ys = to_float(x[picked]), y[picked]
     xs, ys = xs.to(device), ys.to(device)
     n = len(ys)
     shape = (2, cfg.warp_grid, cfg.warp_grid) if cfg.transform == "warp" else xs.shape[1:]
