@@ -372,7 +372,7 @@ def run_scan(sj: ScanJob, grid: Grid, root: Path, progress: bool = False) -> dic
     data = _dataset(job.dataset, grid.data_dirs.get(job.dataset))
     model, meta, _ = load_checkpoint(job.path(root))
     clean_idx = select_clean(data, sj.ratio, None, sj.clean_seed)
-    result = scan_model(model, data, clean_idx, {**grid.scan_set, "seed": sj.clean_seed}, grid.device, progress)
+    result = scan_model(model, data, clean_idx, {**grid.scan_set, "seed": sj.clean_seed}, grid.device, progress, meta)
     record = {**_job_header(job, meta, sj.ratio, sj.clean_seed), "scan": scan_record(result, data, None, clean_idx, sj.ratio),
               "host": socket.gethostname(), "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     ensure_dir(out.parent)
@@ -397,7 +397,7 @@ def run_cell(cell: Cell, grid: Grid, root: Path, progress: bool = False) -> dict
     t0 = time.perf_counter()
     _, report, results = run_defense(model, data, clean_idx, attack, d.name, d.preset,
                                      {"seed": cell.clean_seed, **dict(d.overrides)}, grid.device, progress,
-                                     monitor_size=grid.monitor, before=meta.get("test_metrics"))
+                                     monitor_size=grid.monitor, before=meta.get("test_metrics"), meta=meta)
     record = {
         **_job_header(job, meta, cell.ratio, cell.clean_seed),
         "defense": d.label,

@@ -201,7 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scan option, e.g. --set alpha=0.01 (see ScanConfig)")
     p.add_argument("--fail-on-detect", action="store_true", help="exit with code 1 when the verdict is 'backdoored' (for model-intake pipelines)")
     p.add_argument("--json", action="store_true", help="print scan.json instead of the table")
+    p.add_argument("--reference", default=None, metavar="PROFILE",
+                   help="profile of clean reference models ('ulrl profile'), builtin:NAME, auto (default: the shipped "
+                   "profile whose reference models were trained as this checkpoint was, if any) or none")
     _add_common(p)
+
+    p = sub.add_parser("profile", help="a reference profile from scans of clean models you trust (ulrl scan --reference)",
+                       description="Build a reference profile: per class, the mean and spread of the scan's universal "
+                       "and margin scores over clean models of one architecture, dataset and training recipe. 'ulrl scan "
+                       "--reference PROFILE' then also compares each class with the same class on those models "
+                       "(docs/detection.md, 'The reference test'). Give the scan.json of each clean model (several clean "
+                       "sets of one model count as one model); at least 3 models.")
+    p.add_argument("scans", nargs="+", metavar="SCAN_JSON", help="scan.json files written by 'ulrl scan'")
+    p.add_argument("--out", required=True, help="the profile to write (.json)")
+    p.add_argument("--name", default=None, help="the profile's name (default: the file name)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing profile (never an input)")
+    p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("evaluate", help="ACC, and ASR/RA under an attack, of a checkpoint")
     _add_model_args(p)
@@ -350,7 +365,7 @@ def cmd_purify(args) -> int:
     if args.layer:
         overrides["layer"] = args.layer
     repaired, report, results = run_defense(model, data, clean_idx, attack, args.defense, args.preset, overrides,
-                                            args.device, not args.no_progress, monitor_size=0)
+                                            args.device, not args.no_progress, monitor_size=0, meta=meta)
     write_defense_outputs(out, repaired, meta, report, results, clean_idx, inputs=[args.model], overwrite=args.overwrite)
     if args.export:
         import torch
@@ -373,6 +388,45 @@ def cmd_purify(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .checkpoints import write_json
+    from .detection import reference
+    from .io.paths import input_file
+    from .io.sidecar import read_sidecar
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise UserError(f"--out {out}: a profile is a .json file")
+    if any(out.resolve() == Path(s).resolve() for s in args.scans):
+        raise UserError(f"--out {out} is one of the input scans; write the profile elsewhere")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    scans, metas = [], []
+    for f in args.scans:
+        try:
+            s = json.loads(input_file(f, "scan", 16 << 20).read_text())
+            ok = isinstance(s, dict) and s.get("schema_version") == 1 and isinstance(s.get("signals"), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"{f} is not a scan.json written by 'ulrl scan' (schema version 1)")
+        model = s.get("model") or {}
+        scans.append((model.get("sha256") or model.get("path") or f, s))
+        try:
+            metas.append(reference.match_key(read_sidecar(model["path"])) if model.get("path") else None)
+        except UserError:
+            metas.append(None)
+    match = metas[0] if metas[0] is not None and all(m == metas[0] for m in metas) else {}
+    prof = reference.build_profile(scans, args.name or out.stem, match, source="ulrl profile " + " ".join(args.scans))
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, prof)
+    print(f"wrote {out}: {prof['models']} models, {prof['scans']} scans, {prof['num_classes']} classes"
+          + ("" if match else " (the models' descriptions differ or are missing: use it with --reference, it is "
+             "never picked automatically)"))
+    return 0
+
+
 def cmd_scan(args) -> int:
     from .checkpoints import write_json
     from .defenses.base import parse_fields
@@ -385,9 +439,11 @@ def cmd_scan(args) -> int:
         raise UserError(f"--clean-count must be >= 1, got {args.clean_count}")
     _check_outputs(args, ["scan.json", "scan.png"])
     overrides = {"seed": args.seed, **parse_fields(args.set or [], ScanConfig, "scan")}
-    data, model, _, _ = _load_inputs(args, want_attack=False)
+    if args.reference is not None:
+        overrides["reference"] = args.reference
+    data, model, meta, _ = _load_inputs(args, want_attack=False)
     clean_idx = select_clean(data, args.clean_ratio, args.clean_count, args.seed)
-    result = scan_model(model, data, clean_idx, overrides, args.device, not args.no_progress)
+    result = scan_model(model, data, clean_idx, overrides, args.device, not args.no_progress, meta)
     ratio = args.clean_ratio if args.clean_count is None else None
     record = scan_record(result, data, args.model, clean_idx, 0.01 if ratio is None and args.clean_count is None else ratio)
     write_json(out / "scan.json", record)
@@ -403,16 +459,22 @@ def cmd_scan(args) -> int:
 def format_scan(result, label: str) -> str:
     """The short verdict table ``ulrl scan`` prints: per class, each signal's z and the combined p."""
     names = list(result.signals)
-    head = f"{'class':>5}" + "".join(f"{n + ' z':>17}" for n in names) + f"{'combined p':>12}  "
+    ref = result.reference
+    head = f"{'class':>5}" + "".join(f"{n + ' z':>17}" for n in names) + f"{'combined p':>12}" \
+        + (f"{'reference p':>13}" if ref else "") + "  "
     lines = [head, "-" * len(head)]
     for c in range(result.num_classes):
         zs = "".join(f"{result.signals[n].z[c]:17.1f}" for n in names)
         mark = "  <- suspected" if c in result.suspected else ""
-        lines.append(f"{c:>5}{zs}{result.p_class[c]:12.2g}{mark}")
+        lines.append(f"{c:>5}{zs}{result.p_class[c]:12.2g}" + (f"{ref['p'][c]:13.2g}" if ref else "") + mark)
     verdict = result.verdict.upper() if result.backdoored else result.verdict
     target = f"; suspected target(s): {result.suspected}" if result.suspected else ""
     if result.decided_by == "warp":
         target += f" (the warp test, p = {result.p_warp:.2g}: a warping trigger)"
+    elif result.decided_by == "reference":
+        target += f" (the reference test: class {ref['top']} far from its place on {ref['models']} clean models)"
+    if ref:
+        target += f"; reference profile {ref['profile']}"
     lines.append(f"\n{label}: {verdict} (p = {result.p_value:.2g}, alpha = {result.alpha}){target}; "
                  f"{result.seconds['total']:.1f} s")
     lines += [f"note: {n}" for n in result.notes]
@@ -488,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         from .defenses import DEFENSES
         print("\n".join(sorted(DEFENSES)))
         return 0
-    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "scan": cmd_scan, "evaluate": cmd_evaluate,
+    handlers = {"demo": cmd_demo, "train": cmd_train, "purify": cmd_purify, "scan": cmd_scan, "profile": cmd_profile,
+                "evaluate": cmd_evaluate,
                 "bench": cmd_bench, "report": cmd_report, "zoo": cmd_zoo}
     try:
         if getattr(args, "arch", None) and ":" in args.arch:  # the user's own network, named on the command line

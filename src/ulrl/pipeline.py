@@ -17,7 +17,7 @@ from .attacks import Attack, FitContext, build_attack
 from .checkpoints import ensure_dir, save_checkpoint, write_json
 from .data import Dataset, clean_subset
 from .defenses import DefenseReport, make_defense_config, run_defense_fn
-from .detection import ScanConfig, ScanResult, scan
+from .detection import ScanConfig, ScanResult, reference, scan
 from .errors import UserError
 from .metrics import der, evaluate
 from .models import create_model
@@ -117,10 +117,14 @@ def run_defense(
     progress: bool = True,
     monitor_size: int = 2000,
     before: dict[str, float] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, DefenseReport, dict[str, Any]]:
-    """Evaluate (unless ``before`` is given), defend, evaluate again. Returns (repaired model, report, results)."""
+    """Evaluate (unless ``before`` is given), defend, evaluate again. Returns (repaired model, report, results).
+    ``meta``: the checkpoint's description, which picks the scan's reference profile (``scan_reference="auto"``)."""
     cfg = make_defense_config(defense, preset, dataset=data.name, base={"hflip": data.hflip, "device": device},
                               **(overrides or {}))
+    if hasattr(cfg, "scan_reference"):
+        cfg.scan_reference = reference.resolve(cfg.scan_reference, meta)
     if before is None:
         before = evaluate(model, data.test_x, data.test_y, attack, device)
     sub = torch.arange(min(monitor_size, len(data.test_y)))
@@ -158,9 +162,11 @@ def run_defense(
 
 
 def scan_model(model: nn.Module, data: Dataset, clean_idx: torch.Tensor, overrides: dict[str, Any] | None = None,
-               device: str = "cpu", progress: bool = True) -> ScanResult:
-    """Run the detection scan on the clean subset ``clean_idx`` of ``data``'s training split."""
+               device: str = "cpu", progress: bool = True, meta: dict[str, Any] | None = None) -> ScanResult:
+    """Run the detection scan on the clean subset ``clean_idx`` of ``data``'s training split. ``meta``: the
+    checkpoint's description, which picks the reference profile (``reference="auto"``)."""
     cfg = ScanConfig(**{"hflip": data.hflip, "device": device, **(overrides or {})})
+    cfg.reference = reference.resolve(cfg.reference, meta)
     return scan(model, data.train_x[clean_idx], data.train_y[clean_idx], cfg, progress=progress)
 
 
@@ -232,7 +238,7 @@ def demo(
     save_checkpoint(out / "poisoned.safetensors", model, meta, attack.state_tensors(), overwrite=overwrite)
     clean_idx = select_clean(data, 0.01, None, seed)
     ov = {"seed": seed, **(overrides or {})}
-    repaired, report, results = run_defense(model, data, clean_idx, attack, "ulrl", preset, ov, device, progress)
+    repaired, report, results = run_defense(model, data, clean_idx, attack, "ulrl", preset, ov, device, progress, meta=meta)
     results["train_seconds"] = meta["train_seconds"]
     results["dataset"] = data.name
     results["seed"] = seed

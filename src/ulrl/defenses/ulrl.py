@@ -64,6 +64,7 @@ class ULRLConfig:
     detect: str = "unlearning"  # "unlearning": the paper's weight-change outliers; "scan": ulrl.detection's verdict
     scan_alpha: float = 0.05  # detect=scan: false-positive rate of the verdict
     force_repair: bool = False  # detect=scan: repair the most suspicious class even without evidence of a backdoor
+    scan_reference: str | None = "auto"  # detect=scan: the scan's profile of clean reference models (ScanConfig.reference)
     unlearn_lr: float = 0.01  # unlearning (gradient ascent on the clean set); also the scan's weight-change signal
     unlearn_epochs: int = 20
     unlearn_milestones: tuple[int, ...] = (10, 20)
@@ -171,7 +172,7 @@ def make_config(preset: str = "default", dataset: str | None = None, **overrides
 # --- the pieces of the method ------------------------------------------------------------------
 def scan_config(cfg: ULRLConfig) -> ScanConfig:
     """The detection scan ULRL runs: its weight-change signal is ULRL's own unlearning."""
-    return ScanConfig(alpha=cfg.scan_alpha, layer=cfg.layer, unlearn_lr=cfg.unlearn_lr, unlearn_epochs=cfg.unlearn_epochs,
+    return ScanConfig(alpha=cfg.scan_alpha, reference=cfg.scan_reference, layer=cfg.layer, unlearn_lr=cfg.unlearn_lr, unlearn_epochs=cfg.unlearn_epochs,
                       unlearn_milestones=cfg.unlearn_milestones, clean_threshold=cfg.clean_threshold,
                       grad_clip=cfg.grad_clip, mad_threshold=cfg.mad_threshold, momentum=cfg.momentum,
                       weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=cfg.augment, hflip=cfg.hflip,

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..models import find_classifier
 from ..train import TrainConfig
-from . import stats
+from . import reference, stats
 from .margin import MarginConfig, max_margins
 from .universal import UniversalConfig, clean_gap, margin_at, universal_radii
 from .weight_change import two_looks
@@ -47,6 +47,12 @@ class ScanConfig:
     # each class to its own target, docs/detection.md)
     a2a_search: str = "pairwise"
     warp_share: float = 0.1  # share of alpha spent on the warp signal's own test (0: off)
+    # a profile of clean reference models: a file written by `ulrl profile`, "builtin:NAME", "auto" (the shipped
+    # profile whose reference models were trained as this model was, read from its checkpoint's description: `ulrl
+    # scan`, `ulrl purify` and `ulrl bench` resolve it; a bare nn.Module has none) or "none"; and the share of alpha its
+    # test gets when one applies (taken from the all-to-one test's; :mod:`.reference`)
+    reference: str | None = "auto"
+    reference_share: float = 0.1
     z_scale: str = "trimmed"  # each z's yardstick: "trimmed" (sd of the other classes without their two largest and
     # their smallest) or "mad"
     # tails of each signal's null (Student t degrees of freedom; inf: normal), set on clean models (docs/detection.md)
@@ -115,10 +121,12 @@ class ScanConfig:
             raise UserError(f"z_scale must be one of {', '.join(stats.SCALES)}, got {self.z_scale!r}")
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
-        if not (0.0 <= self.all_to_all_share < 1.0 and 0.0 <= self.warp_share < 1.0
-                and self.all_to_all_share + self.warp_share < 1.0):
-            raise UserError(f"all_to_all_share and warp_share must be >= 0 and sum to less than 1, "
-                            f"got {self.all_to_all_share} and {self.warp_share}")
+        shares = (self.all_to_all_share, self.warp_share, self.reference_share)
+        if min(shares) < 0.0 or sum(shares) >= 1.0:
+            raise UserError(f"all_to_all_share, warp_share and reference_share must be >= 0 and sum to less than 1, "
+                            f"got {shares}")
+        if self.reference is not None and (not isinstance(self.reference, str) or not self.reference.strip()):
+            raise UserError(f"reference must be a profile file or 'builtin:NAME', got {self.reference!r}")
 
 
 def config_from_parameters(parameters: dict[str, Any], **overrides: Any) -> ScanConfig:
@@ -157,7 +165,7 @@ class ScanResult:
     p_all_to_one: float  # the most suspicious class, corrected for having looked at all of them
     all_to_all: dict[str, Any]  # the test for y -> (y + k) mod K backdoors (shift, rank sums, p), from the universal search
     p_warp: float | None  # the warp signal's own test (None: not run, or combined per class)
-    decided_by: str | None  # the test behind a "backdoored" verdict: "all-to-one", "all-to-all" or "warp"
+    decided_by: str | None  # the test behind a "backdoored" verdict: "all-to-one", "all-to-all", "warp" or "reference"
     p_value: float  # the model's: chance that a clean model shows a class (or a shift) this extreme
     verdict: str  # "backdoored" | "no evidence"
     kind: str  # "all-to-one", "all-to-all" or "none"
@@ -167,6 +175,7 @@ class ScanResult:
     config: dict[str, Any]
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
+    reference: dict[str, Any] | None = None  # the reference test (profile, per class z and p, p_model, top), if one applied
     perturbations: torch.Tensor | None = field(default=None, repr=False)  # per class, from the universal search
     warps: torch.Tensor | None = field(default=None, repr=False)  # per class displacement fields, from the warp search
     pair_perturbations: torch.Tensor | None = field(default=None, repr=False)  # per (target, source), the pairwise search
@@ -320,14 +329,17 @@ def combined_signals(cfg: ScanConfig, run: list[str] | tuple[str, ...]) -> list[
     return used or list(run)
 
 
-def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, Any], cfg: ScanConfig) -> dict[str, Any]:
-    """The verdict from each signal's per-class p-values (``p``) and model-level p (``p_model``) and
-    the all-to-all test (``a2a``, may be empty). Three tests, each for one kind of backdoor, share
-    alpha (weighted Bonferroni): all-to-one (per class, Fisher over :func:`combined_signals`; the
-    most suspicious class, corrected for having looked at all K), all-to-all (the rank test, share
-    ``all_to_all_share``) and warp (the warp signal alone, share ``warp_share``). Kept apart because
-    each sees one kind of trigger: folded into the Fisher sum, a warp signal that sees nothing on a
-    patch or a blend dilutes the signals that do (docs/detection.md)."""
+def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, Any], cfg: ScanConfig,
+           ref: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The verdict from each signal's per-class p-values (``p``) and model-level p (``p_model``),
+    the all-to-all test (``a2a``, may be empty) and the reference test (``ref``, None where no profile
+    applies). The tests, each for one kind of evidence, share alpha (weighted Bonferroni): all-to-one
+    (per class, Fisher over :func:`combined_signals`; the most suspicious class, corrected for having
+    looked at all K), all-to-all (the rank test, share ``all_to_all_share``), warp (the warp signal
+    alone, share ``warp_share``) and reference (each class against the same class on clean reference
+    models, share ``reference_share``). Kept apart because each sees one kind of trigger: folded into
+    the Fisher sum, a warp signal that sees nothing on a patch or a blend dilutes the signals that do
+    (docs/detection.md)."""
     used = combined_signals(cfg, list(p))
     k = len(p[used[0]])
     comb = stats.combine(torch.tensor([p[s] for s in used]), tuple(null_df(cfg, s) for s in used), scale=cfg.z_scale) \
@@ -337,8 +349,12 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
         tests["all-to-all"] = (a2a["p"], cfg.all_to_all_share)
     if "warp" in p and "warp" not in used and cfg.warp_share > 0:
         tests["warp"] = (p_model["warp"], cfg.warp_share)
+    if ref is not None and cfg.reference_share > 0:
+        tests["reference"] = (ref["p_model"], cfg.reference_share)
     tests["all-to-one"] = (comb["p_model"], 1.0 - sum(share for _, share in tests.values()))
     best = min(tests, key=lambda n: tests[n][0] / tests[n][1])
+    if best == "reference" and "all-to-all" in tests and tests["all-to-all"][0] / tests["all-to-all"][1] <= cfg.alpha:
+        best = "all-to-all"  # an all-to-all backdoor moves classes off their profile too; its own test says which form
     p_value = min(1.0, tests[best][0] / tests[best][1])
     kind, suspected = "none", []
     if p_value <= cfg.alpha:
@@ -348,9 +364,33 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
             kind = "all-to-one"
             ps = p["warp"] if best == "warp" else comb["p"]
             order = sorted(range(k), key=lambda c: ps[c])
+            if best == "reference":  # a backdoor moves other classes off their profile too: the reference names the
+                # class that moved most, the model's own comparison any other (measured: docs/detection.md)
+                order = [ref["top"]] + [c for c in order if c != ref["top"]]
             suspected = [order[0]] + [c for c in order[1:] if ps[c] * k <= cfg.alpha]  # Bonferroni for the rest
     return {"p_class": comb["p"], "p_all_to_one": comb["p_model"], "p_warp": tests.get("warp", (None,))[0],
             "p_value": p_value, "kind": kind, "suspected": suspected, "test": best if suspected else None}
+
+
+def reference_profile(cfg: ScanConfig) -> dict[str, Any] | None:
+    """The profile ``cfg.reference`` names (read before any work, so that a bad one fails fast), or None."""
+    if cfg.reference in (None, "none", "auto"):  # "auto" unresolved: no checkpoint description to match
+        return None
+    return reference.load_profile(cfg.reference)
+
+
+def reference_evidence(evidence: dict[str, Evidence], k: int, cfg: ScanConfig, profile: dict[str, Any] | None,
+                       notes: list[str]) -> dict[str, Any] | None:
+    """The reference test of :mod:`.reference` on this scan's scores, when ``profile`` applies to it (else None,
+    and a note says why not)."""
+    if profile is None:
+        return None
+    missing = [s for s in reference.SIGNALS if s not in evidence]
+    why = f"the scan did not run {', '.join(missing)}" if missing else reference.unusable(profile, k, asdict(cfg))
+    if why:
+        notes.append(f"reference profile {cfg.reference} not used: {why}")
+        return None
+    return reference.reference_test({s: evidence[s].score for s in reference.SIGNALS}, profile)
 
 
 WEAK_EVIDENCE = 2.0  # "no evidence" with p <= this x alpha gets a note naming the most suspicious class
@@ -379,6 +419,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     missing = (present == 0).nonzero().flatten().tolist()
     if k < 3:
         raise UserError(f"scanning needs at least 3 classes to compare, the model has {k}")
+    profile = reference_profile(cfg)
     frozen = frozen_copy(model, cfg.device)
     evidence: dict[str, Evidence] = {}
     seconds: dict[str, float] = {}
@@ -407,9 +448,10 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
             pair = [[math.inf if v is None else v for v in row] for row in evidence["universal"].extra["pair_radius"]]
         a2a = {**stats.cyclic_all_to_all(pair, cfg.seed), "pair_radius": pair}
         seconds["all-to-all"] = time.perf_counter() - t0
-    d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg)
-    seconds["total"] = sum(seconds.values())
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
+    ref = reference_evidence(evidence, k, cfg, profile, notes)
+    d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg, ref)
+    seconds["total"] = sum(seconds.values())
     if not d["suspected"] and d["p_value"] <= WEAK_EVIDENCE * cfg.alpha:  # the verdict stays; the user should know
         top = most_suspicious(d["p_class"])
         notes.append(f"weak evidence, below the verdict's bar: class {top} is the most suspicious (p = {d['p_value']:.3g}, "
@@ -420,5 +462,6 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         combined=[-math.log10(max(p, 1e-300)) for p in d["p_class"]], p_class=d["p_class"],
         p_all_to_one=d["p_all_to_one"], all_to_all=a2a, p_warp=d["p_warp"], decided_by=d["test"], p_value=d["p_value"],
         verdict="backdoored" if d["suspected"] else "no evidence", kind=d["kind"], suspected=d["suspected"], alpha=cfg.alpha, seconds=seconds, config=asdict(cfg), notes=notes,
+        reference=ref,
         perturbations=perturbations, warps=warps, pair_perturbations=pair_perturbations,
     )
