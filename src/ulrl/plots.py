@@ -73,17 +73,20 @@ def plot_curves(report: DefenseReport, path: str | Path) -> None:
 
 
 def plot_scan(result, path: str | Path) -> None:
-    """Per-class evidence of a scan: each signal's -log10 p, the combined evidence, the verdict's line."""
+    """Per-class evidence of a scan: each signal's -log10 p (and the reference test's, if a profile applied), the
+    combined evidence, the verdict's line."""
     import math
 
     k = result.num_classes
-    names = list(result.signals)
+    series = [(name, ev.p) for name, ev in result.signals.items()]
+    if result.reference:
+        series.append(("reference test", result.reference["p"]))
+    names = [n for n, _ in series]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * k), 3.4))
     width = 0.8 / (len(names) + 1)
-    for i, name in enumerate(names):
-        ev = result.signals[name]
-        ax.bar([c + (i - len(names) / 2) * width for c in range(k)], [-math.log10(max(p, 1e-300)) for p in ev.p],
-               width, label=name, alpha=0.6)
+    for i, (name, ps) in enumerate(series):
+        ax.bar([c + (i - len(names) / 2) * width for c in range(k)], [-math.log10(max(p, 1e-300)) for p in ps],
+               width, label=name, alpha=0.6, hatch="//" if name == "reference test" else None)
     colors = ["tab:red" if c in result.suspected else "black" for c in range(k)]
     ax.bar([c + len(names) / 2 * width for c in range(k)], result.combined, width, color=colors, label="combined")
     ax.axhline(-math.log10(result.alpha / k), color="tab:red", ls="--", lw=1, label=f"alpha/K (alpha = {result.alpha})")
