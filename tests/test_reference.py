@@ -65,6 +65,10 @@ def test_profile_refuses_what_cannot_be_a_reference():
     bad = {**_fake_scan(rng), "verdict": "backdoored"}
     with pytest.raises(UserError, match="trust"):
         reference.build_profile([("a", _fake_scan(rng)), ("b", bad)], "x")
+    unreached = _fake_scan(rng)
+    unreached["signals"]["universal"]["score"][4] = None  # scan.json's null: a class the search never reached
+    with pytest.raises(UserError, match="finite"):
+        reference.build_profile([("a", _fake_scan(rng)), ("b", _fake_scan(rng)), ("c", unreached)], "x")
     prof = reference.build_profile([(f"m{i}", _fake_scan(rng)) for i in range(3)], "x")
     assert reference.unusable(prof, 8, prof["parameters"]) and reference.unusable(prof, K, {}) \
         and reference.unusable(prof, K, prof["parameters"]) is None
@@ -93,10 +97,40 @@ def test_auto_picks_the_shipped_profile_only_for_the_recipe_of_its_models():
     assert reference.resolve("auto", meta) == name
     assert reference.resolve("auto", {**meta, "train_config": {**meta["train_config"], "epochs": 30}}) is None
     assert reference.resolve("auto", None) is None and reference.resolve("none", meta) is None
-    assert reference.resolve("my.json", None) == "my.json"
+    assert reference.resolve(name, None) == name
+    with pytest.raises(UserError, match="not found"):  # a named profile is read when resolved: a bad one fails first
+        reference.resolve("my.json", None)
     assert prof["models"] >= 5 and len(prof["signals"]["universal"]["mean"]) == 10
     with pytest.raises(UserError, match="not found"):
         reference.load_profile("builtin:nothing-like-it")
+    # a description made in memory (tuples, not lists) matches as its saved sidecar does
+    from dataclasses import asdict
+
+    from ulrl.train import TrainConfig
+    live = {**prof["match"], "train_config": asdict(TrainConfig(epochs=5, lr=0.01, schedule="cosine", hflip=True))}
+    assert reference.resolve("auto", live) == name
+    # a profile named by hand for a model of other data or shape is refused
+    with pytest.raises(UserError, match="other models"):
+        reference.resolve(name, {**meta, "dataset": "cifar10", "in_channels": 3, "image_size": 32})
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p["signals"]["universal"]["sd"].__setitem__(0, None),
+    lambda p: p["signals"]["margin"]["sd"].__setitem__(3, 0.0),
+    lambda p: p.__setitem__("models", "9"),
+    lambda p: p.pop("parameters"),
+    lambda p: p["signals"]["margin"]["mean"].pop(),
+])
+def test_a_malformed_profile_is_refused_when_read(tmp_path, change):
+    prof = json.loads(json.dumps(reference.load_profile("builtin:fashion-mnist-cnn-small")))
+    change(prof)
+    (tmp_path / "p.json").write_text(json.dumps(prof))
+    with pytest.raises(UserError, match="malformed"):
+        reference.load_profile(str(tmp_path / "p.json"))
+    (tmp_path / "nan.json").write_text(json.dumps(reference.load_profile("builtin:fashion-mnist-cnn-small"))
+                                       .replace("0.0", "NaN", 1))
+    with pytest.raises(UserError, match="not readable"):
+        reference.load_profile(str(tmp_path / "nan.json"))
 
 
 def test_profile_cli_then_scan_with_the_reference(ckpts, tmp_path, capsys):  # noqa: F811

@@ -401,19 +401,21 @@ def cmd_profile(args) -> int:
         raise UserError(f"--out {out} is one of the input scans; write the profile elsewhere")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; choose another --out or pass --overwrite")
+    from .detection import SCHEMA_VERSION
+
     scans, metas = [], []
-    for f in args.scans:
+    for f in dict.fromkeys(str(Path(s).resolve()) for s in args.scans):  # a file given twice counts once
         try:
             s = json.loads(input_file(f, "scan", 16 << 20).read_text())
-            ok = isinstance(s, dict) and s.get("schema_version") == 1 and isinstance(s.get("signals"), dict)
-        except ValueError:
+            ok = isinstance(s, dict) and s.get("schema_version") == SCHEMA_VERSION and isinstance(s.get("signals"), dict)
+        except (ValueError, RecursionError):
             ok = False
         if not ok:
-            raise UserError(f"{f} is not a scan.json written by 'ulrl scan' (schema version 1)")
-        model = s.get("model") or {}
+            raise UserError(f"{f} is not a scan.json written by 'ulrl scan' (schema version {SCHEMA_VERSION})")
+        model = s.get("model") if isinstance(s.get("model"), dict) else {}
         scans.append((model.get("sha256") or model.get("path") or f, s))
         try:
-            metas.append(reference.match_key(read_sidecar(model["path"])) if model.get("path") else None)
+            metas.append(reference.match_key(read_sidecar(model["path"])) if isinstance(model.get("path"), str) else None)
         except UserError:
             metas.append(None)
     match = metas[0] if metas[0] is not None and all(m == metas[0] for m in metas) else {}

@@ -42,6 +42,8 @@ def build_profile(scans: list[tuple[str, dict[str, Any]]], name: str, match: dic
     may be given: they share its id, and the spread's degrees of freedom count models, not scans)."""
     if not scans:
         raise UserError("a reference profile needs scans of clean models; none given")
+    for model_id, s in scans:
+        _check_scan(model_id, s)
     first = scans[0][1]
     k, params = first["num_classes"], {p: first["parameters"].get(p) for p in PARAMETERS}
     for model_id, s in scans:
@@ -52,7 +54,7 @@ def build_profile(scans: list[tuple[str, dict[str, Any]]], name: str, match: dic
             diff = sorted(p for p in PARAMETERS if other[p] != params[p])
             raise UserError(f"scan of {model_id} was run with other scan parameters ({', '.join(diff)}); "
                             f"scan every reference model with the same settings")
-        missing = [sg for sg in SIGNALS if sg not in s["signals"]]
+        missing = [sg for sg in SIGNALS if not isinstance(s["signals"].get(sg), dict) or "score" not in s["signals"][sg]]
         if missing:
             raise UserError(f"scan of {model_id} lacks the signal(s) {', '.join(missing)} a profile needs")
         if s.get("verdict") == "backdoored":
@@ -69,6 +71,21 @@ def build_profile(scans: list[tuple[str, dict[str, Any]]], name: str, match: dic
             "match": match or {}, "parameters": params, "signals": signals, "source": source}
 
 
+def _check_scan(model_id: str, s: Any) -> None:
+    """A scan a profile can read: its class count, parameters and, per signal, one finite score per class."""
+    if not (isinstance(s, dict) and isinstance(s.get("num_classes"), int) and isinstance(s.get("parameters"), dict)
+            and isinstance(s.get("signals"), dict)):
+        raise UserError(f"scan of {model_id} lacks num_classes, parameters or signals; give a scan.json of 'ulrl scan'")
+    for sg in SIGNALS:
+        v = (s["signals"].get(sg) or {}).get("score") if isinstance(s["signals"].get(sg), dict) else None
+        if v is None:
+            continue  # reported as a missing signal by the caller
+        if not isinstance(v, list) or len(v) != s["num_classes"] or \
+                not all(isinstance(x, int | float) and math.isfinite(x) for x in v):
+            raise UserError(f"scan of {model_id}: the {sg} scores are not one finite number per class (a class the "
+                            f"search never reached has none); scan that model with another clean set, or leave it out")
+
+
 def _scores(scan: dict[str, Any], signal: str) -> list[float]:
     v = scan["signals"][signal]["score"]
     return [-math.inf if x is None else float(x) for x in v]  # scan.json writes a never-reached class as null
@@ -81,15 +98,19 @@ def load_profile(ref: str) -> dict[str, Any]:
         known = ", ".join(f"builtin:{p.stem}" for p in sorted(BUILTIN_DIR.glob("*.json")))
         raise UserError(f"reference profile {ref!r} not found; give a file written by 'ulrl profile' or one of: {known}")
     try:
-        prof = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        prof = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"reference profile {ref}: not readable JSON ({e})") from None
     if not isinstance(prof, dict) or prof.get("format") != FORMAT:
         raise UserError(f"reference profile {ref}: not a {FORMAT} file; write one with 'ulrl profile'")
+    k, n = prof.get("num_classes"), prof.get("models")
     try:
-        k, n = int(prof["num_classes"]), int(prof["models"])
-        ok = n >= MIN_MODELS and all(len(prof["signals"][sg][f]) == k for sg in SIGNALS for f in ("mean", "sd"))
-    except (KeyError, TypeError, ValueError):
+        ok = isinstance(k, int) and isinstance(n, int) and n >= MIN_MODELS and isinstance(prof.get("name"), str) \
+            and isinstance(prof.get("parameters"), dict) and isinstance(prof.get("match"), dict) and all(
+                isinstance(v, list) and len(v) == k and all(isinstance(x, int | float) for x in v)
+                and (f == "mean" or all(x > 0 for x in v))
+                for sg in SIGNALS for f, v in ((f, prof["signals"][sg][f]) for f in ("mean", "sd")))
+    except (KeyError, TypeError):
         ok = False
     if not ok:
         raise UserError(f"reference profile {ref}: malformed (needs num_classes, models >= {MIN_MODELS} and, per "
@@ -97,13 +118,30 @@ def load_profile(ref: str) -> dict[str, Any]:
     return prof
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a profile may hold")
+
+
 def match_key(meta: dict[str, Any]) -> dict[str, Any]:
     """What of a checkpoint's description a built-in profile must match: data, architecture, shape and the training
-    recipe (without its seed and device)."""
+    recipe (without its seed and device), as JSON holds it (a tuple in memory is a list in a file)."""
     key = {f: meta.get(f) for f in MATCH}
     recipe = meta.get("train_config")
     key["train_config"] = {k: v for k, v in recipe.items() if k not in ("seed", "device")} if isinstance(recipe, dict) else None
-    return key
+    return json.loads(json.dumps(key, default=str))
+
+
+def check_model(profile: dict[str, Any], ref: str, meta: dict[str, Any] | None) -> None:
+    """Refuse a profile whose reference models are of another dataset, architecture or shape than the model
+    described by ``meta`` (nothing to compare when either is unknown)."""
+    if not meta or not profile.get("match"):
+        return
+    mine = match_key(meta)
+    diff = [f for f in MATCH if profile["match"].get(f) != mine[f]]
+    if diff:
+        what = ", ".join(f"{f} {profile['match'].get(f)} vs {mine[f]}" for f in diff)
+        raise UserError(f"reference profile {ref} was built on other models ({what}); give a profile of clean models "
+                        f"like this one, or --reference none")
 
 
 def builtin_for(meta: dict[str, Any] | None) -> str | None:
@@ -124,7 +162,10 @@ def resolve(value: str | None, meta: dict[str, Any] | None) -> str | None:
     ``value`` (a file, or ``builtin:NAME``)."""
     if value is None or value == "none":
         return None
-    return builtin_for(meta) if value == "auto" else value
+    if value == "auto":
+        return builtin_for(meta)
+    check_model(load_profile(value), value, meta)
+    return value
 
 
 def unusable(profile: dict[str, Any], k: int, parameters: dict[str, Any]) -> str | None:

@@ -122,9 +122,9 @@ class ScanConfig:
         if not 0.0 < self.alpha < 1.0:
             raise UserError(f"alpha must be in (0, 1), got {self.alpha}")
         shares = (self.all_to_all_share, self.warp_share, self.reference_share)
-        if min(shares) < 0.0 or sum(shares) >= 1.0:
-            raise UserError(f"all_to_all_share, warp_share and reference_share must be >= 0 and sum to less than 1, "
-                            f"got {shares}")
+        if min(shares) < 0.0 or sum(shares[:2]) >= 1.0 or (self.reference not in (None, "none") and sum(shares) >= 1.0):
+            raise UserError(f"all_to_all_share, warp_share and (with a reference profile) reference_share must be >= 0 "
+                            f"and sum to less than 1, got {shares}")
         if self.reference is not None and (not isinstance(self.reference, str) or not self.reference.strip()):
             raise UserError(f"reference must be a profile file or 'builtin:NAME', got {self.reference!r}")
 
@@ -349,8 +349,8 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
         tests["all-to-all"] = (a2a["p"], cfg.all_to_all_share)
     if "warp" in p and "warp" not in used and cfg.warp_share > 0:
         tests["warp"] = (p_model["warp"], cfg.warp_share)
-    if ref is not None and cfg.reference_share > 0:
-        tests["reference"] = (ref["p_model"], cfg.reference_share)
+    if ref is not None and 0 < cfg.reference_share < 1.0 - sum(share for _, share in tests.values()):
+        tests["reference"] = (ref["p_model"], cfg.reference_share)  # (the all-to-one test keeps a share)
     tests["all-to-one"] = (comb["p_model"], 1.0 - sum(share for _, share in tests.values()))
     best = min(tests, key=lambda n: tests[n][0] / tests[n][1])
     if best == "reference" and "all-to-all" in tests and tests["all-to-all"][0] / tests["all-to-all"][1] <= cfg.alpha:
