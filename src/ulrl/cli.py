@@ -420,8 +420,7 @@ def cmd_profile(args) -> int:
             metas.append(None)
     match = metas[0] if metas[0] is not None and all(m == metas[0] for m in metas) else {}
     prof = reference.build_profile(scans, args.name or out.stem, match, source="ulrl profile " + " ".join(args.scans))
-    if out.parent != Path(""):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, prof)
     print(f"wrote {out}: {prof['models']} models, {prof['scans']} scans, {prof['num_classes']} classes"
           + ("" if match else " (the models' descriptions differ or are missing: use it with --reference, it is "

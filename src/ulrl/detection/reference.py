@@ -17,6 +17,7 @@ suspicious class, Sidak-corrected for the K classes looked at.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -92,8 +93,16 @@ def _scores(scan: dict[str, Any], signal: str) -> list[float]:
 
 
 def load_profile(ref: str) -> dict[str, Any]:
-    """A profile by file path, or a built-in one by name (``builtin:NAME``)."""
-    path = BUILTIN_DIR / f"{ref.split(':', 1)[1]}.json" if ref.startswith("builtin:") else Path(ref)
+    """A profile by file path, or a built-in one by name (``builtin:NAME``; read once per process: package data)."""
+    return _builtin(ref) if ref.startswith("builtin:") else _read_profile(ref, Path(ref))
+
+
+@functools.cache
+def _builtin(ref: str) -> dict[str, Any]:
+    return _read_profile(ref, BUILTIN_DIR / f"{ref.split(':', 1)[1]}.json")
+
+
+def _read_profile(ref: str, path: Path) -> dict[str, Any]:
     if not path.is_file():
         known = ", ".join(f"builtin:{p.stem}" for p in sorted(BUILTIN_DIR.glob("*.json")))
         raise UserError(f"reference profile {ref!r} not found; give a file written by 'ulrl profile' or one of: {known}")
@@ -150,10 +159,8 @@ def builtin_for(meta: dict[str, Any] | None) -> str | None:
     if not meta:
         return None
     key = match_key(meta)
-    for path in sorted(BUILTIN_DIR.glob("*.json")):
-        if json.loads(path.read_text()).get("match") == key:
-            return f"builtin:{path.stem}"
-    return None
+    names = [f"builtin:{path.stem}" for path in sorted(BUILTIN_DIR.glob("*.json"))]
+    return next((name for name in names if load_profile(name)["match"] == key), None)
 
 
 def resolve(value: str | None, meta: dict[str, Any] | None) -> str | None:
