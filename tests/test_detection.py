@@ -269,7 +269,7 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
                     p.fill_(float("nan"))
 
     monkeypatch.setattr(method, "relearn", first_diverges)
-    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, progress=False)
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_budget=None, progress=False)
     assert calls == [True, False] and [a["freeze_bn"] for a in report.extra["relearn_attempts"]] == [True, False]
     assert any("diverged" in n for n in report.notes) and "repair_failed" not in report.extra
     assert all(torch.isfinite(p).all() for p in repaired.parameters())
@@ -277,6 +277,32 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
     same, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_lr=1e9, progress=False)
     assert len(report.extra["relearn_attempts"]) == 3 and report.extra["repair_failed"]
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), models["backdoored"].state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("accs, shrinks, kept", [((0.90, 0.85, 0.87, 0.88), [1.0, 0.5, 0.25], 2),  # none within: the best
+                                                  ((0.90, 0.85, 0.895), [1.0, 0.5], 1)])  # the first within the budget
+def test_ulrl_budget_halves_the_unlearned_shortcut_while_the_repair_costs(planted, monkeypatch, accs, shrinks, kept):
+    """A relearning that loses more than the budget (1 point) of the clean images' accuracy (classes not flagged) is
+    run again with the scan's shortcut halved, down to the floor (a quarter); the first try within the budget is kept,
+    else the one that kept the most accuracy, and the report says so."""
+    import ulrl.defenses.ulrl as method
+    models, x, y = planted
+    real, seen, scales = method.relearn, iter(accs), []
+    snapshots = []
+
+    def spy(model, *args, **kw):
+        scales.append(args[1].trigger_scale)
+        real(model, *args, **kw)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(method, "relearn", spy)
+    monkeypatch.setattr(method, "accuracy", lambda *a, **kw: next(seen))
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=1, probe_epochs=0, progress=False)
+    assert report.flagged == [2] and scales == shrinks
+    assert [a["trigger_shrink"] for a in report.extra["relearn_attempts"]] == shrinks
+    assert report.extra["trigger_shrink"] == shrinks[kept] and any("relearning again with 0.5" in n for n in report.notes)
+    assert all(torch.equal(v, snapshots[kept][k]) for k, v in repaired.state_dict().items())
+    assert ("no try kept within the budget" in " ".join(report.notes)) == (kept == 2)
 
 
 def test_ulrl_repairs_an_all_to_all_verdict_in_the_features(planted, monkeypatch):

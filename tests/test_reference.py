@@ -83,6 +83,10 @@ def test_decide_lets_the_reference_name_the_class_and_leaves_the_rest_alone():
     d = decide(p, pm, {}, cfg, ref)
     assert d["test"] == "reference" and d["suspected"] == [3] and d["p_value"] == pytest.approx(1e-6 / cfg.reference_share)
     assert decide(p, pm, {}, cfg, {**ref, "p_model": 0.5})["suspected"] == []
+    # below the bar, the class named (weak-evidence note, force_repair) is the one of the test nearest it
+    near = {"universal": [0.5, 0.01] + flat[2:], "margin": flat}
+    assert decide(near, pm, {}, cfg, {**ref, "p_model": 0.01})["closest"] == 3
+    assert decide(near, pm, {}, cfg, {**ref, "p_model": 0.9})["closest"] == 1
     a2a = {"p": 1e-4, "shift": 1}  # an all-to-all backdoor moves classes off their profile too: its own test decides
     assert decide(p, pm, a2a, cfg, ref)["kind"] == "all-to-all"
     # without a profile the all-to-one test keeps its whole share, as before

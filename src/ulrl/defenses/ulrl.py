@@ -106,6 +106,13 @@ class ULRLConfig:
     # flagged, relearn with batch statistics, then at a quarter of the lr; if every try diverges, the original comes
     # back. None: no guard (paper)
     relearn_guard: float | None = None
+    # The cost budget (docs/method.md, Finding 11): relearning trains on the clean set, so its accuracy there normally
+    # rises; when the relearned model instead loses more than this (a fraction) of the original's accuracy on the clean
+    # images of the classes not flagged, the unlearned shortcut overlaps the clean task (a perturbation toward a natural
+    # attractor class): relearn again with it halved (trigger_scale and all_to_all_scale), down to trigger_floor of it,
+    # and keep the first try within the budget, else the one that kept the most. None: no budget (paper)
+    relearn_budget: float | None = None
+    trigger_floor: float = 0.25
     # Shared optimiser settings
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -130,6 +137,9 @@ class ULRLConfig:
             raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
         if self.trigger_unlearn < 0 or self.trigger_scale <= 0 or (self.all_to_all_scale is not None and self.all_to_all_scale <= 0):
             raise UserError("trigger_unlearn must be >= 0 and trigger_scale > 0")
+        if not 0.0 < self.trigger_floor <= 1.0 or (self.relearn_budget is not None and self.relearn_budget < 0):
+            raise UserError(f"trigger_floor must be in (0, 1] and relearn_budget >= 0, got {self.trigger_floor} and "
+                            f"{self.relearn_budget}")
         if self.rank_by not in ("score", "index"):
             raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
         if self.reinit not in ("he", "matched", "prototype"):
@@ -160,7 +170,7 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Findings 4, 9 and 10
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "probe_epochs": 10,
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75, "all_to_all_sources": "any"},
 }
 
@@ -460,6 +470,45 @@ def relearning_tries(cfg: ULRLConfig) -> list[tuple[float, bool]]:
     return tries
 
 
+def shrunk(cfg: ULRLConfig, shrink: float) -> ULRLConfig:
+    """``cfg`` with the unlearned shortcuts' sizes (``trigger_scale``, ``all_to_all_scale``) times ``shrink``."""
+    if shrink == 1.0:
+        return cfg
+    a2a = None if cfg.all_to_all_scale is None else cfg.all_to_all_scale * shrink
+    return replace(cfg, trigger_scale=cfg.trigger_scale * shrink, all_to_all_scale=a2a)
+
+
+def over_budget(cfg: ULRLConfig, r: Repair, start_acc: float, end_acc: float) -> bool:
+    """Did a relearning that unlearned the scan's shortcuts lose more than ``cfg.relearn_budget`` of the clean-set
+    accuracy (classes not flagged)?"""
+    unlearns = cfg.trigger_unlearn > 0 and bool(r.targets) and r.result is not None
+    return unlearns and cfg.relearn_budget is not None and end_acc < start_acc - cfg.relearn_budget
+
+
+def within_budget(model: nn.Module, cfg: ULRLConfig, r: Repair, attempt, start_acc: float, end_acc: float,
+                  report: DefenseReport) -> None:
+    """The cost budget: relearn with the unlearned shortcuts halved (``attempt(shrink)`` relearns ``model`` and returns
+    its clean-set accuracy) until a try keeps within ``cfg.relearn_budget`` or the next halving would go below
+    ``cfg.trigger_floor``; the first try within the budget stays, else the one with the highest accuracy."""
+    best = (end_acc, 1.0, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch)
+    shrink = 1.0
+    while over_budget(cfg, r, start_acc, end_acc) and shrink / 2 >= cfg.trigger_floor - 1e-9:
+        report.notes.append(f"relearning cost {100 * (start_acc - end_acc):.1f} points of the clean images' accuracy "
+                            f"(classes not flagged; budget {100 * cfg.relearn_budget:g}): the unlearned shortcut overlaps "
+                            f"the clean task, relearning again with {shrink / 2:g} of it")
+        shrink /= 2
+        end_acc = attempt(shrink)
+        if end_acc > best[0]:
+            best = (end_acc, shrink, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch)
+    if over_budget(cfg, r, start_acc, end_acc):
+        _, shrink, state, report.relearn_history, report.selected_epoch = best
+        model.load_state_dict(state)
+        report.notes.append(f"no try kept within the budget; the repair with {shrink:g} of the shortcut kept the most "
+                            f"({100 * best[0]:.1f}% on the clean images of the classes not flagged, the original "
+                            f"{100 * start_acc:.1f}%)")
+    report.extra["trigger_shrink"] = shrink
+
+
 def _stats(frozen: bool) -> str:
     return "frozen BatchNorm statistics" if frozen else "batch statistics"
 
@@ -525,11 +574,18 @@ def purify(
     start_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
     report.extra.update(clean_set_acc_before=start_acc, relearn_attempts=[])
     tries = relearning_tries(cfg)
-    for n, (lr, freeze_bn) in enumerate(tries, 1):
+
+    def attempt(lr: float, freeze_bn: bool, shrink: float = 1.0) -> float:
+        """Relearn from the original weights; the accuracy on the clean images of the classes not flagged."""
         model.load_state_dict(original_state)
-        relearn(model, plan, cfg, lr, freeze_bn, report, monitor, progress)
-        end_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
-        report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "clean_set_acc_after": end_acc})
+        relearn(model, plan, shrunk(cfg, shrink), lr, freeze_bn, report, monitor, progress)
+        acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
+        report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "trigger_shrink": shrink,
+                                                 "clean_set_acc_after": acc})
+        return acc
+
+    for n, (lr, freeze_bn) in enumerate(tries, 1):
+        end_acc = attempt(lr, freeze_bn)
         if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
             break
         again = f"; relearning again at lr {tries[n][0]:g} with {_stats(tries[n][1])}" if n < len(tries) else ""
@@ -540,6 +596,8 @@ def purify(
         report.extra["repair_failed"] = True
         report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
                             "unchanged; try a lower relearn_lr")
+    if "repair_failed" not in report.extra and over_budget(cfg, plan, start_acc, end_acc):
+        within_budget(model, cfg, plan, lambda shrink: attempt(lr, freeze_bn, shrink), start_acc, end_acc, report)
     report.seconds["relearn"] = time.perf_counter() - t0
     report.seconds["total"] = report.seconds["unlearn"] + report.seconds["relearn"]
     return model.eval(), report
