@@ -72,6 +72,11 @@ def test_profile_refuses_what_cannot_be_a_reference():
     prof = reference.build_profile([(f"m{i}", _fake_scan(rng)) for i in range(3)], "x")
     assert reference.unusable(prof, 8, prof["parameters"]) and reference.unusable(prof, K, {}) \
         and reference.unusable(prof, K, prof["parameters"]) is None
+    # the scores depend on the clean-set size: a profile applies to clean sets of about the size it was built with
+    sized = {**prof, "clean_samples": [600, 600]}
+    assert reference.unusable(sized, K, prof["parameters"], 600) is None and reference.unusable(sized, K, prof["parameters"], 800) is None
+    assert "clean images" in reference.unusable(sized, K, prof["parameters"], 200)
+    assert reference.load_profile("builtin:fashion-mnist-cnn-small")["clean_samples"] == [600, 600]
 
 
 def test_decide_lets_the_reference_name_the_class_and_leaves_the_rest_alone():

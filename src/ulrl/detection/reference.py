@@ -34,6 +34,8 @@ PARAMETERS = ("uap_per_class", "uap_draws", "uap_min_rms", "uap_max_rms", "uap_g
 # what a checkpoint's description must share with the reference models' (train_config without seed and device)
 MATCH = ("dataset", "arch", "num_classes", "in_channels", "image_size")
 MIN_MODELS = 3
+# the scores shift and spread with the clean-set size: a profile applies to clean sets within this factor of its own
+SIZE_FACTOR = 1.5
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 
 
@@ -68,7 +70,9 @@ def build_profile(scans: list[tuple[str, dict[str, Any]]], name: str, match: dic
     for sg in SIGNALS:
         cols = list(zip(*(_scores(s, sg) for _, s in scans), strict=True))
         signals[sg] = {"mean": [statistics.fmean(c) for c in cols], "sd": [statistics.stdev(c) for c in cols]}
+    sizes = [s["clean_samples"] for _, s in scans if isinstance(s.get("clean_samples"), int)]
     return {"format": FORMAT, "name": name, "num_classes": k, "models": len(models), "scans": len(scans),
+            "clean_samples": [min(sizes), max(sizes)] if len(sizes) == len(scans) else None,
             "match": match or {}, "parameters": params, "signals": signals, "source": source}
 
 
@@ -119,6 +123,9 @@ def _read_profile(ref: str, path: Path) -> dict[str, Any]:
                 isinstance(v, list) and len(v) == k and all(isinstance(x, int | float) for x in v)
                 and (f == "mean" or all(x > 0 for x in v))
                 for sg in SIGNALS for f, v in ((f, prof["signals"][sg][f]) for f in ("mean", "sd")))
+        size = prof.get("clean_samples")  # older profiles have none: no size check
+        ok = ok and (size is None or (isinstance(size, list) and len(size) == 2
+                                      and all(isinstance(v, int) and v > 0 for v in size) and size[0] <= size[1]))
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -175,10 +182,15 @@ def resolve(value: str | None, meta: dict[str, Any] | None) -> str | None:
     return value
 
 
-def unusable(profile: dict[str, Any], k: int, parameters: dict[str, Any]) -> str | None:
-    """Why ``profile`` cannot be used for a scan of ``k`` classes run with ``parameters`` (None: it can)."""
+def unusable(profile: dict[str, Any], k: int, parameters: dict[str, Any], n: int | None = None) -> str | None:
+    """Why ``profile`` cannot be used for a scan of ``k`` classes with ``n`` clean images, run with ``parameters``
+    (None: it can)."""
     if profile["num_classes"] != k:
         return f"it has {profile['num_classes']} classes, the model {k}"
+    size = profile.get("clean_samples")
+    if n is not None and size and not size[0] / SIZE_FACTOR <= n <= size[1] * SIZE_FACTOR:
+        return (f"its reference scans used {size[0]}-{size[1]} clean images, this one {n} (a profile applies within a "
+                f"factor of {SIZE_FACTOR}); build one from scans with clean sets of this size")
     diff = sorted(p for p in PARAMETERS if profile["parameters"].get(p) != parameters.get(p))
     return f"it was built with other scan parameters ({', '.join(diff)})" if diff else None
 

@@ -383,14 +383,14 @@ def reference_profile(cfg: ScanConfig) -> dict[str, Any] | None:
     return reference.load_profile(cfg.reference)
 
 
-def reference_evidence(evidence: dict[str, Evidence], k: int, cfg: ScanConfig, profile: dict[str, Any] | None,
+def reference_evidence(evidence: dict[str, Evidence], k: int, n: int, cfg: ScanConfig, profile: dict[str, Any] | None,
                        notes: list[str]) -> dict[str, Any] | None:
-    """The reference test of :mod:`.reference` on this scan's scores, when ``profile`` applies to it (else None,
-    and a note says why not)."""
+    """The reference test of :mod:`.reference` on the scores of this scan (``k`` classes, ``n`` clean images), when
+    ``profile`` applies to it (else None, and a note says why not)."""
     if profile is None:
         return None
     missing = [s for s in reference.SIGNALS if s not in evidence]
-    why = f"the scan did not run {', '.join(missing)}" if missing else reference.unusable(profile, k, asdict(cfg))
+    why = f"the scan did not run {', '.join(missing)}" if missing else reference.unusable(profile, k, asdict(cfg), n)
     if why:
         notes.append(f"reference profile {cfg.reference} not used: {why}")
         return None
@@ -453,7 +453,7 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
         a2a = {**stats.cyclic_all_to_all(pair, cfg.seed), "pair_radius": pair}
         seconds["all-to-all"] = time.perf_counter() - t0
     notes = [f"the clean set has no image of class(es) {missing}: they are only reached, never sources"] if missing else []
-    ref = reference_evidence(evidence, k, cfg, profile, notes)
+    ref = reference_evidence(evidence, k, len(y), cfg, profile, notes)
     d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg, ref)
     seconds["total"] = sum(seconds.values())
     if not d["suspected"] and d["p_value"] <= WEAK_EVIDENCE * cfg.alpha:  # the verdict stays; the user should know
