@@ -400,9 +400,10 @@ def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
         k, shift = scan_result.num_classes, scan_result.all_to_all["shift"]
         shortcuts = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])  # class c -> its target
         scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
-        penalties.append(source_unlearning(model, shortcuts * scale, cfg.trigger_unlearn, cfg.all_to_all_sources))
+        penalties.append(source_unlearning(model, (shortcuts * scale).to(cfg.device), cfg.trigger_unlearn,
+                                           cfg.all_to_all_sources))  # on the device once, not per batch
     elif scan_result.perturbations is not None:
-        deltas = scan_result.perturbations[r.targets] * cfg.trigger_scale
+        deltas = (scan_result.perturbations[r.targets] * cfg.trigger_scale).to(cfg.device)
         warps = None
         if scan_result.warps is not None:  # the warps that reached a target class are shortcuts too
             reached = scan_result.signals["warp"].statistic
