@@ -88,6 +88,14 @@ def test_grid_resumes_after_kill_without_recomputing(tmp_path):
     assert s.cells_skipped == len(first) and s.cells_run == 6 - len(first)
     assert all(after[p] == data for p, data in first.items())  # finished cells were not recomputed
     assert run_grid(load_grid(None, **TINY), root, progress=False).cells_run == 0  # and a rerun does nothing
+    # a cell finished by a version whose defense lacked an option (or had another value) is kept, and said so
+    for cell in root.glob("cells/**/*.json"):
+        record = json.loads(cell.read_text())
+        del record["config"]["relearn_budget"]
+        record["config"]["alpha"] = 0.5
+        write_json(cell, record)
+    s = run_grid(load_grid(None, **TINY), root, progress=False)
+    assert s.cells_run == 0 and s.stale == {"alpha": 1, "relearn_budget": 1}
 
 
 def _record(attack, defense, acc0, asr0, acc1, asr1, seconds, seed=0):

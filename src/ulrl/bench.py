@@ -435,6 +435,7 @@ class Summary:
     cells_skipped: int = 0
     scans_skipped: int = 0
     failures: list[str] = field(default_factory=list)
+    stale: dict[str, int] = field(default_factory=dict)  # defense option -> finished cells run with another value
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -466,13 +467,40 @@ def _label(task: ScanJob | Cell) -> str:
     return f"{what} on {task.job.attack_key} seed{task.job.seed} clean{task.clean_seed}"
 
 
-def _count(s: Summary, task: ScanJob | Cell, skipped: bool = False) -> None:
+RUN_TIME_OPTIONS = ("device", "hflip", "scan_reference")  # set from the data, the machine or the checkpoint at run time
+
+
+def stale_options(cell: Cell, root: Path) -> list[str]:
+    """The defense options whose value in a finished cell's record differs from what this version would use (an
+    option the record lacks is one this version added): a resumed bench keeps such a cell as it was."""
+    try:
+        stored = json.loads(cell.path(root).read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return []
+    d = cell.defense
+    try:  # the dataset's name as the model's description has it (a grid may name a directory)
+        dataset = json.loads(cell.job.path(root).with_suffix(".json").read_text()).get("dataset", cell.job.dataset)
+    except (OSError, ValueError):
+        dataset = cell.job.dataset
+    try:
+        now = asdict(make_defense_config(d.name, d.preset, dataset=dataset,
+                                         **{"seed": cell.clean_seed, **dict(d.overrides)}))
+    except UserError:
+        return []
+    return sorted(k for k, v in now.items() if k not in RUN_TIME_OPTIONS and json.loads(json.dumps(v, default=str))
+                  != stored.get(k, "absent"))
+
+
+def _count(s: Summary, task: ScanJob | Cell, skipped: bool = False, root: Path | None = None) -> None:
     if isinstance(task, ScanJob):
         s.scans_skipped += skipped
         s.scans_run += not skipped
     else:
         s.cells_skipped += skipped
         s.cells_run += not skipped
+        if skipped and root is not None:
+            for k in stale_options(task, root):
+                s.stale[k] = s.stale.get(k, 0) + 1
 
 
 def _run_local(work: list[Work], grid: Grid, root: Path, progress: bool) -> Summary:
@@ -496,7 +524,7 @@ def _run_local(work: list[Work], grid: Grid, root: Path, progress: bool) -> Summ
             bar.update(1)
         for task in tasks:
             if task.path(root).is_file():
-                _count(s, task, skipped=True)
+                _count(s, task, skipped=True, root=root)
             else:
                 bar.set_postfix_str(_label(task))
                 try:
@@ -551,7 +579,7 @@ def _run_ray(work, grid: Grid, root: Path, address: str | None, cpus_per_cell: f
             pending[dep] = (f"train {w.job.attack_key}", w.job.path(root), None)
         for task in w.scans + w.cells:
             if task.path(root).is_file():
-                _count(s, task, skipped=True)
+                _count(s, task, skipped=True, root=root)
                 continue
             ref = other_task.remote(task, grid, str(root), threads, dep)
             pending[ref] = (_label(task), task.path(root), task)

@@ -508,6 +508,10 @@ def cmd_bench(args) -> int:
           f"{len(s.failures)} failed, {s.seconds:.0f} s; results in {args.out}/cells (ulrl report {args.out})")
     for f in s.failures:
         print(f"  failed: {f}", file=sys.stderr)
+    if s.stale:
+        what = ", ".join(f"{k} ({n})" for k, n in sorted(s.stale.items()))
+        print(f"warning: finished cells kept as they were ran with other defense options than this version's: {what}; "
+              f"move those cells away to run them again", file=sys.stderr)
     return 1 if s.failures else 0
 
 
