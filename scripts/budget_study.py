@@ -26,7 +26,7 @@ def cells(root: Path):
         e = r.get("extra") or {}
         if not e.get("relearn_attempts"):
             continue  # nothing flagged: no relearning
-        first = e["relearn_attempts"][0]
+        first = [a for a in e["relearn_attempts"] if a.get("trigger_shrink", 1.0) == 1.0][-1]  # after any guard retry
         yield {"bench": root.name, "cell": f"{d['attack_key']} clean {d['clean_seed']}", "flagged": r.get("flagged"),
                "cost": 100 * (e["clean_set_acc_before"] - first["clean_set_acc_after"]),
                "drop": 100 * (d["before"]["acc"] - d["after"]["acc"]),
@@ -37,10 +37,12 @@ def cells(root: Path):
 def summary(benches: list[Path]) -> None:
     latest = {}
     for root in benches:
-        for f in sorted(root.glob("cells/*/*/*/ulrl/*.json")):
+        for f in sorted(root.glob("cells/**/ulrl/*.json")):
             d = json.loads(f.read_text())
             if d["before"].get("asr") is not None:  # a backdoored model (a clean one has no ASR)
                 latest[(d["attack_key"], d["clean_seed"])] = d
+    if not latest:
+        raise SystemExit("no ULRL cell of a backdoored model under " + ", ".join(map(str, benches)))
     asr = [100 * d["after"]["asr"] for d in latest.values()]
     drop = [100 * (d["before"]["acc"] - d["after"]["acc"]) for d in latest.values()]
     ra = [100 * d["after"]["ra"] for d in latest.values() if d["after"].get("ra") is not None]

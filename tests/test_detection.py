@@ -303,6 +303,7 @@ def test_ulrl_budget_halves_the_unlearned_shortcut_while_the_repair_costs(plante
     assert report.extra["trigger_shrink"] == shrinks[kept] and any("relearning again with 0.5" in n for n in report.notes)
     assert all(torch.equal(v, snapshots[kept][k]) for k, v in repaired.state_dict().items())
     assert ("no try kept within the budget" in " ".join(report.notes)) == (kept == 2)
+    assert [a.get("kept", False) for a in report.extra["relearn_attempts"]] == [i == kept for i in range(len(shrinks))]
 
 
 def test_ulrl_repairs_an_all_to_all_verdict_in_the_features(planted, monkeypatch):

@@ -92,6 +92,7 @@ def test_decide_lets_the_reference_name_the_class_and_leaves_the_rest_alone():
     near = {"universal": [0.5, 0.01] + flat[2:], "margin": flat}
     assert decide(near, pm, {}, cfg, {**ref, "p_model": 0.01})["closest"] == 3
     assert decide(near, pm, {}, cfg, {**ref, "p_model": 0.9})["closest"] == 1
+    assert decide(p, pm, {"p": 0.06, "shift": 1}, cfg)["closest"] is None  # all-to-all nearest: no one class
     a2a = {"p": 1e-4, "shift": 1}  # an all-to-all backdoor moves classes off their profile too: its own test decides
     assert decide(p, pm, a2a, cfg, ref)["kind"] == "all-to-all"
     # without a profile the all-to-one test keeps its whole share, as before

@@ -487,8 +487,14 @@ def stale_options(cell: Cell, root: Path) -> list[str]:
                                          **{"seed": cell.clean_seed, **dict(d.overrides)}))
     except UserError:
         return []
-    return sorted(k for k, v in now.items() if k not in RUN_TIME_OPTIONS and json.loads(json.dumps(v, default=str))
-                  != stored.get(k, "absent"))
+    # an option the record lacks ran as its default did (the option did not exist yet): stale only if it is not that
+    default = {f.name: f.default for f in fields(defense_entry(d.name).config)}
+
+    def plain(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    return sorted(k for k, v in now.items() if k not in RUN_TIME_OPTIONS
+                  and plain(v) != (stored[k] if k in stored else plain(default.get(k))))
 
 
 def _count(s: Summary, task: ScanJob | Cell, skipped: bool = False, root: Path | None = None) -> None:

@@ -137,8 +137,8 @@ class ULRLConfig:
             raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
         if self.trigger_unlearn < 0 or self.trigger_scale <= 0 or (self.all_to_all_scale is not None and self.all_to_all_scale <= 0):
             raise UserError("trigger_unlearn must be >= 0 and trigger_scale > 0")
-        if not 0.0 < self.trigger_floor <= 1.0 or (self.relearn_budget is not None and self.relearn_budget < 0):
-            raise UserError(f"trigger_floor must be in (0, 1] and relearn_budget >= 0, got {self.trigger_floor} and "
+        if not 1 / 64 <= self.trigger_floor <= 1.0 or (self.relearn_budget is not None and self.relearn_budget < 0):
+            raise UserError(f"trigger_floor must be in [1/64, 1] and relearn_budget >= 0, got {self.trigger_floor} and "
                             f"{self.relearn_budget}")
         if self.rank_by not in ("score", "index"):
             raise UserError(f"rank_by must be 'score' or 'index', got {self.rank_by!r}")
@@ -482,7 +482,9 @@ def shrunk(cfg: ULRLConfig, shrink: float) -> ULRLConfig:
 def over_budget(cfg: ULRLConfig, r: Repair, start_acc: float, end_acc: float) -> bool:
     """Did a relearning that unlearned the scan's shortcuts lose more than ``cfg.relearn_budget`` of the clean-set
     accuracy (classes not flagged)?"""
-    unlearns = cfg.trigger_unlearn > 0 and bool(r.targets) and r.result is not None
+    res = r.result
+    unlearns = cfg.trigger_unlearn > 0 and bool(r.targets) and res is not None and (
+        (res.kind == "all-to-all" and res.pair_perturbations is not None) or res.perturbations is not None)
     return unlearns and cfg.relearn_budget is not None and end_acc < start_acc - cfg.relearn_budget
 
 
@@ -491,23 +493,31 @@ def within_budget(model: nn.Module, cfg: ULRLConfig, r: Repair, attempt, start_a
     """The cost budget: relearn with the unlearned shortcuts halved (``attempt(shrink)`` relearns ``model`` and returns
     its clean-set accuracy) until a try keeps within ``cfg.relearn_budget`` or the next halving would go below
     ``cfg.trigger_floor``; the first try within the budget stays, else the one with the highest accuracy."""
-    best = (end_acc, 1.0, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch)
+    def kept() -> tuple:
+        return (end_acc, shrink, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch,
+                report.extra.get("probe_history"), len(report.extra["relearn_attempts"]) - 1)
+
     shrink = 1.0
-    while over_budget(cfg, r, start_acc, end_acc) and shrink / 2 >= cfg.trigger_floor - 1e-9:
+    best = kept()
+    while over_budget(cfg, r, start_acc, end_acc) and shrink / 2 >= cfg.trigger_floor * (1 - 1e-9):
         report.notes.append(f"relearning cost {100 * (start_acc - end_acc):.1f} points of the clean images' accuracy "
                             f"(classes not flagged; budget {100 * cfg.relearn_budget:g}): the unlearned shortcut overlaps "
                             f"the clean task, relearning again with {shrink / 2:g} of it")
         shrink /= 2
         end_acc = attempt(shrink)
         if end_acc > best[0]:
-            best = (end_acc, shrink, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch)
-    if over_budget(cfg, r, start_acc, end_acc):
-        _, shrink, state, report.relearn_history, report.selected_epoch = best
+            best = kept()
+    chosen = len(report.extra["relearn_attempts"]) - 1
+    if shrink < 1.0 and over_budget(cfg, r, start_acc, end_acc):
+        _, shrink, state, report.relearn_history, report.selected_epoch, probe, chosen = best
         model.load_state_dict(state)
+        if probe is not None:
+            report.extra["probe_history"] = probe
         report.notes.append(f"no try kept within the budget; the repair with {shrink:g} of the shortcut kept the most "
                             f"({100 * best[0]:.1f}% on the clean images of the classes not flagged, the original "
                             f"{100 * start_acc:.1f}%)")
     report.extra["trigger_shrink"] = shrink
+    report.extra["relearn_attempts"][chosen]["kept"] = True
 
 
 def _stats(frozen: bool) -> str:

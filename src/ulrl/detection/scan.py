@@ -176,7 +176,7 @@ class ScanResult:
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
     reference: dict[str, Any] | None = None  # the reference test (profile, per class z and p, p_model, top), if one applied
-    closest: int | None = None  # the most suspicious class, as the test nearest its bar names it (verdict or not)
+    closest: int | None = None  # the most suspicious class, as the test nearest its bar names it (None: all-to-all)
     perturbations: torch.Tensor | None = field(default=None, repr=False)  # per class, from the universal search
     warps: torch.Tensor | None = field(default=None, repr=False)  # per class displacement fields, from the warp search
     pair_perturbations: torch.Tensor | None = field(default=None, repr=False)  # per (target, source), the pairwise search
@@ -359,7 +359,8 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
         best = "all-to-all"  # an all-to-all backdoor moves classes off their profile too; its own test says which form
     p_value = min(1.0, tests[best][0] / tests[best][1])
     kind, suspected = "none", []
-    closest = ref["top"] if best == "reference" else most_suspicious(p["warp"] if best == "warp" else comb["p"])
+    closest = None if best == "all-to-all" else ref["top"] if best == "reference" else \
+        most_suspicious(p["warp"] if best == "warp" else comb["p"])  # all-to-all: no one class
     if p_value <= cfg.alpha:
         if best == "all-to-all":  # every class is a target: (s + shift) mod K
             kind, suspected = "all-to-all", [(s + a2a["shift"]) % k for s in range(k)]
@@ -373,7 +374,7 @@ def decide(p: dict[str, list[float]], p_model: dict[str, float], a2a: dict[str, 
             suspected = [order[0]] + [c for c in order[1:] if ps[c] * k <= cfg.alpha]  # Bonferroni for the rest
     return {"p_class": comb["p"], "p_all_to_one": comb["p_model"], "p_warp": tests.get("warp", (None,))[0],
             "p_value": p_value, "kind": kind, "suspected": suspected, "test": best if suspected else None,
-            "closest": suspected[0] if suspected else closest}
+            "closest": None if kind == "all-to-all" else suspected[0] if suspected else closest}
 
 
 def reference_profile(cfg: ScanConfig) -> dict[str, Any] | None:
@@ -457,8 +458,8 @@ def scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: ScanConfig 
     d = decide({n: e.p for n, e in evidence.items()}, {n: e.p_model for n, e in evidence.items()}, a2a, cfg, ref)
     seconds["total"] = sum(seconds.values())
     if not d["suspected"] and d["p_value"] <= WEAK_EVIDENCE * cfg.alpha:  # the verdict stays; the user should know
-        top = d["closest"]
-        notes.append(f"weak evidence, below the verdict's bar: class {top} is the most suspicious (p = {d['p_value']:.3g}, "
+        top = "the all-to-all test (every class a target)" if d["closest"] is None else f"class {d['closest']}"
+        notes.append(f"weak evidence, below the verdict's bar: {top} is the most suspicious (p = {d['p_value']:.3g}, "
                      f"alpha = {cfg.alpha}); scan again with another clean set (--seed) or more clean images, or "
                      f"repair that class anyway (force_repair)")
     return ScanResult(
