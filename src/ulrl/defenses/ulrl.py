@@ -385,6 +385,17 @@ class Repair:
     gen: torch.Generator
 
 
+def shortcut_kind(r: Repair, cfg: ULRLConfig) -> str | None:
+    """Which of the scan's shortcuts relearning unlearns: "sources" (each class's perturbation to its shifted class,
+    an all-to-all verdict), "targets" (the flagged classes' universal perturbations), or None."""
+    res = r.result
+    if cfg.trigger_unlearn <= 0 or not r.targets or res is None:
+        return None
+    if res.kind == "all-to-all" and res.pair_perturbations is not None:
+        return "sources"
+    return "targets" if res.perturbations is not None else None
+
+
 def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
     """The terms added to the clean loss while relearning: the cosine penalty on the flagged rows, distillation of the
     original (``cfg.distill``), and unlearning of the scan's shortcuts to the targets (``cfg.trigger_unlearn``): each
@@ -393,16 +404,14 @@ def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
     penalties = [cosine_penalty(r.layer, r.w_original, r.flagged, cfg.alpha, cfg.cos_margin)] if r.flagged else []
     if r.teacher is not None:
         penalties.append(with_distillation(r.teacher, [] if cfg.distill_flagged else r.flagged, cfg.distill))
-    scan_result = r.result
-    if cfg.trigger_unlearn <= 0 or not r.targets or scan_result is None:
-        return penalties
-    if scan_result.kind == "all-to-all" and scan_result.pair_perturbations is not None:  # source -> source + shift
+    scan_result, kind = r.result, shortcut_kind(r, cfg)
+    if kind == "sources":  # all-to-all: source -> source + shift
         k, shift = scan_result.num_classes, scan_result.all_to_all["shift"]
         shortcuts = torch.stack([scan_result.pair_perturbations[(c + shift) % k, c] for c in range(k)])  # class c -> its target
         scale = cfg.trigger_scale if cfg.all_to_all_scale is None else cfg.all_to_all_scale
         penalties.append(source_unlearning(model, (shortcuts * scale).to(cfg.device), cfg.trigger_unlearn,
                                            cfg.all_to_all_sources))  # on the device once, not per batch
-    elif scan_result.perturbations is not None:
+    elif kind == "targets":
         deltas = (scan_result.perturbations[r.targets] * cfg.trigger_scale).to(cfg.device)
         warps = None
         if scan_result.warps is not None:  # the warps that reached a target class are shortcuts too
@@ -482,10 +491,7 @@ def shrunk(cfg: ULRLConfig, shrink: float) -> ULRLConfig:
 def over_budget(cfg: ULRLConfig, r: Repair, start_acc: float, end_acc: float) -> bool:
     """Did a relearning that unlearned the scan's shortcuts lose more than ``cfg.relearn_budget`` of the clean-set
     accuracy (classes not flagged)?"""
-    res = r.result
-    unlearns = cfg.trigger_unlearn > 0 and bool(r.targets) and res is not None and (
-        (res.kind == "all-to-all" and res.pair_perturbations is not None) or res.perturbations is not None)
-    return unlearns and cfg.relearn_budget is not None and end_acc < start_acc - cfg.relearn_budget
+    return shortcut_kind(r, cfg) is not None and cfg.relearn_budget is not None and end_acc < start_acc - cfg.relearn_budget
 
 
 def within_budget(model: nn.Module, cfg: ULRLConfig, r: Repair, attempt, start_acc: float, end_acc: float,
