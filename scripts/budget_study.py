@@ -26,7 +26,10 @@ def cells(root: Path):
         e = r.get("extra") or {}
         if not e.get("relearn_attempts"):
             continue  # nothing flagged: no relearning
-        first = [a for a in e["relearn_attempts"] if a.get("trigger_shrink", 1.0) == 1.0][-1]  # after any guard retry
+        whole = [a for a in e["relearn_attempts"] if a.get("trigger_shrink", 1.0) == 1.0]
+        if not whole:
+            continue  # verify_repair kept a relearning without trigger unlearning: the budget had nothing to read
+        first = whole[-1]  # after any guard retry
         yield {"bench": root.name, "cell": f"{d['attack_key']} clean {d['clean_seed']}", "flagged": r.get("flagged"),
                "cost": 100 * (e["clean_set_acc_before"] - first["clean_set_acc_after"]),
                "drop": 100 * (d["before"]["acc"] - d["after"]["acc"]),

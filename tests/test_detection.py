@@ -269,7 +269,8 @@ def test_ulrl_guard_relearns_again_when_relearning_diverges(planted, monkeypatch
                     p.fill_(float("nan"))
 
     monkeypatch.setattr(method, "relearn", first_diverges)
-    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_budget=None, progress=False)
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=2, relearn_budget=None, verify_repair=None,
+                                   progress=False)
     assert calls == [True, False] and [a["freeze_bn"] for a in report.extra["relearn_attempts"]] == [True, False]
     assert any("diverged" in n for n in report.notes) and "repair_failed" not in report.extra
     assert all(torch.isfinite(p).all() for p in repaired.parameters())
@@ -297,13 +298,47 @@ def test_ulrl_budget_halves_the_unlearned_shortcut_while_the_repair_costs(plante
 
     monkeypatch.setattr(method, "relearn", spy)
     monkeypatch.setattr(method, "accuracy", lambda *a, **kw: next(seen))
-    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=1, probe_epochs=0, progress=False)
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=1, probe_epochs=0, verify_repair=None,
+                                   progress=False)
     assert report.flagged == [2] and scales == shrinks
     assert [a["trigger_shrink"] for a in report.extra["relearn_attempts"]] == shrinks
     assert report.extra["trigger_shrink"] == shrinks[kept] and any("relearning again with 0.5" in n for n in report.notes)
     assert all(torch.equal(v, snapshots[kept][k]) for k, v in repaired.state_dict().items())
     assert ("no try kept within the budget" in " ".join(report.notes)) == (kept == 2)
     assert [a.get("kept", False) for a in report.extra["relearn_attempts"]] == [i == kept for i in range(len(shrinks))]
+
+
+@pytest.mark.parametrize("survival, unlearned", [([0.05], [0.0]),  # relearning alone took the shortcut out: kept
+                                                 ([0.5, 0.0], [0.0, 1.0])])  # it survived: relearn again, unlearning it
+def test_ulrl_verifies_relearning_alone_before_unlearning_the_shortcut(planted, monkeypatch, survival, unlearned):
+    """The default relearns first without trigger unlearning and applies the scan's shortcut to the clean images of the
+    other classes: while the relearned model still sends more than verify_repair (10%) of them to the flagged class, it
+    relearns again with the shortcut unlearned. On the original the shortcut sends most of them there."""
+    import ulrl.defenses.ulrl as method
+    models, x, y = planted
+    real_survival, real_relearn, seen, calls, weights = method.shortcut_survival, method.relearn, iter(survival), [], []
+
+    def survival_spy(model, r, cfg):  # the first call measures the original; the later ones are the tries'
+        calls.append(cfg)
+        return real_survival(model, r, cfg) if len(calls) == 1 else [next(seen)]
+
+    def relearn_spy(model, r, cfg, *args, **kw):
+        weights.append(cfg.trigger_unlearn)
+        return real_relearn(model, r, cfg, *args, **kw)
+
+    monkeypatch.setattr(method, "relearn", relearn_spy)
+    monkeypatch.setattr(method, "shortcut_survival", survival_spy)
+    repaired, report = ulrl.purify(models["backdoored"], (x, y), relearn_epochs=1, probe_epochs=0, progress=False)
+    tries = report.extra["relearn_attempts"]
+    assert report.flagged == [2] and [a["trigger_shrink"] for a in tries] == unlearned
+    assert weights == [0.0 if u == 0 else 1.0 for u in unlearned]
+    assert report.extra["shortcut_survival_before"][0] > 0.5  # the scan's shortcut works on the original
+    assert [a["shortcut_survival"] for a in tries] == [[v] for v in survival]
+    assert report.extra["trigger_shrink"] == unlearned[-1] and tries[-1]["kept"]
+    note = "relearning alone took the scan's shortcuts out" if len(survival) == 1 else "relearning again with it unlearned"
+    assert any(note in n for n in report.notes)
+    with pytest.raises(UserError, match="verify_repair"):
+        ulrl.purify(models["backdoored"], (x, y), verify_repair=1.0, progress=False)
 
 
 def test_ulrl_repairs_an_all_to_all_verdict_in_the_features(planted, monkeypatch):

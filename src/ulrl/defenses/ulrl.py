@@ -113,6 +113,12 @@ class ULRLConfig:
     # and keep the first try within the budget, else the one that kept the most. None: no budget (paper)
     relearn_budget: float | None = None
     trigger_floor: float = 0.25
+    # Verify before unlearning a shortcut (docs/method.md, Finding 12): relearn first with no trigger unlearning, then
+    # add the scan's perturbation toward each flagged class to the clean images of the other classes; when the
+    # relearned model still sends more than this fraction of them to the class, the shortcut survived relearning:
+    # relearn again with it unlearned (then the budget applies). None: unlearn it from the first try (paper: no
+    # trigger unlearning at all)
+    verify_repair: float | None = None
     # Shared optimiser settings
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -137,6 +143,8 @@ class ULRLConfig:
             raise UserError("max_neurons, unlearn_epochs and relearn_epochs must be >= 0")
         if self.trigger_unlearn < 0 or self.trigger_scale <= 0 or (self.all_to_all_scale is not None and self.all_to_all_scale <= 0):
             raise UserError("trigger_unlearn must be >= 0 and trigger_scale > 0")
+        if self.verify_repair is not None and not 0.0 <= self.verify_repair < 1.0:
+            raise UserError(f"verify_repair must be in [0, 1) (a fraction of images), got {self.verify_repair}")
         if not 1 / 64 <= self.trigger_floor <= 1.0 or (self.relearn_budget is not None and self.relearn_budget < 0):
             raise UserError(f"trigger_floor must be in [1/64, 1] and relearn_budget >= 0, got {self.trigger_floor} and "
                             f"{self.relearn_budget}")
@@ -170,7 +178,7 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Findings 4, 9 and 10
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "probe_epochs": 10,
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "verify_repair": 0.1, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75, "all_to_all_sources": "any"},
 }
 
@@ -251,6 +259,17 @@ def cosine_penalty(layer: nn.Linear, w_original: torch.Tensor, rows: list[int], 
     return penalty
 
 
+def with_shortcut(x: torch.Tensor, pick: torch.Tensor, deltas: torch.Tensor, warps: list[torch.Tensor | None]) -> torch.Tensor:
+    """Images ``x`` (float, in [0, 1]), image ``i`` carrying shortcut ``pick[i]``: warped along ``warps[pick[i]]``
+    where the scan's warp search reached that class, then ``deltas[pick[i]]`` added, clipped to [0, 1]."""
+    xp = x.clone()
+    for k in pick.unique().tolist():
+        if warps[k] is not None:
+            sel = (pick == k).to(x.device)
+            xp[sel] = warp(xp[sel], warps[k][None].to(x.device))[0]
+    return (xp + deltas[pick].to(x.device)).clamp(0, 1)
+
+
 def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int], beta: float,
                        warps: list[torch.Tensor | None] | None = None):
     """``beta * CE(model(x + delta_k), y)``: clean images carrying the scan's perturbation toward a
@@ -267,13 +286,7 @@ def trigger_unlearning(model: nn.Module, deltas: torch.Tensor, targets: list[int
         keep = tgt[pick].to(y.device) != y
         if not keep.any():
             return out.sum() * 0
-        xp, pk = x[keep].clone(), pick[keep.cpu()]
-        for k in pk.unique().tolist():
-            if warps[k] is not None:
-                sel = (pk == k).to(x.device)
-                xp[sel] = warp(xp[sel], warps[k][None].to(x.device))[0]
-        xp = (xp + deltas[pk].to(x.device)).clamp(0, 1)
-        return beta * F.cross_entropy(model(xp), y[keep])
+        return beta * F.cross_entropy(model(with_shortcut(x[keep], pick[keep.cpu()], deltas, warps)), y[keep])
 
     return penalty
 
@@ -369,7 +382,8 @@ def find_by_scan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ULRLCo
 class Repair:
     """What every relearning try of one repair shares: the examined layer, the clean set (and its held-out slice),
     the flagged rows and their original weights, the classes whose shortcut is unlearned (``targets``), the scan that
-    chose them (``None`` with ``detect="unlearning"``), the distillation teacher and the random stream."""
+    chose them (``None`` with ``detect="unlearning"``), the distillation teacher and the seed of the re-initialised
+    rows (every try starts from the same rows, so that tries differ only in what they change)."""
 
     layer: nn.Linear
     layer_name: str
@@ -382,7 +396,7 @@ class Repair:
     w_original: torch.Tensor
     result: ScanResult | None
     teacher: nn.Module | None
-    gen: torch.Generator
+    seed: int
 
 
 def shortcut_kind(r: Repair, cfg: ULRLConfig) -> str | None:
@@ -412,13 +426,38 @@ def relearning_penalties(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list:
         penalties.append(source_unlearning(model, (shortcuts * scale).to(cfg.device), cfg.trigger_unlearn,
                                            cfg.all_to_all_sources))  # on the device once, not per batch
     elif kind == "targets":
-        deltas = (scan_result.perturbations[r.targets] * cfg.trigger_scale).to(cfg.device)
-        warps = None
-        if scan_result.warps is not None:  # the warps that reached a target class are shortcuts too
-            reached = scan_result.signals["warp"].statistic
-            warps = [scan_result.warps[c] * cfg.trigger_scale if math.isfinite(reached[c]) else None for c in r.targets]
+        deltas, warps = target_shortcuts(scan_result, r.targets, cfg.trigger_scale, cfg.device)
         penalties.append(trigger_unlearning(model, deltas, r.targets, cfg.trigger_unlearn, warps))
     return penalties
+
+
+def target_shortcuts(result: ScanResult, targets: list[int], scale: float, device: str) -> tuple[torch.Tensor, list]:
+    """The scan's shortcuts toward the ``targets`` classes, times ``scale``: the universal perturbations (on the device
+    once, not per batch) and, where the warp search reached a class, its warp (else None)."""
+    deltas = (result.perturbations[targets] * scale).to(device)
+    reached = result.signals["warp"].statistic if result.warps is not None else None
+    warps = [result.warps[c] * scale if reached is not None and math.isfinite(reached[c]) else None for c in targets]
+    return deltas, warps
+
+
+@torch.no_grad()
+def shortcut_survival(model: nn.Module, r: Repair, cfg: ULRLConfig) -> list[float]:
+    """Per class whose shortcut relearning would unlearn: how many more of the clean images of the other classes go
+    to that class on ``model`` when they carry the scan's universal perturbation toward it (a fraction; the images
+    that go there without it are not counted). About 0.9 on the original: the scan's search stops where 90% of its
+    images flip. The perturbation alone, not the warp: a warp of a few pixels reaches a class without a backdoor
+    (docs/method.md, Finding 12)."""
+    was = model.training
+    model.eval()
+    rates = []
+    for c in r.targets:
+        xs, delta, hits = r.x[r.y != c], r.result.perturbations[c].to(cfg.device) * cfg.trigger_scale, 0
+        for i in range(0, len(xs), 256):
+            xb = to_float(xs[i: i + 256]).to(cfg.device)
+            hits += int((model((xb + delta).clamp(0, 1)).argmax(1) == c).sum()) - int((model(xb).argmax(1) == c).sum())
+        rates.append(max(0, hits) / max(1, len(xs)))
+    model.train(was)
+    return rates
 
 
 def relearn(model: nn.Module, r: Repair, cfg: ULRLConfig, lr: float, freeze_bn: bool, report: DefenseReport,
@@ -429,7 +468,7 @@ def relearn(model: nn.Module, r: Repair, cfg: ULRLConfig, lr: float, freeze_bn: 
     with the original BatchNorm statistics if ``freeze_bn``. Keeps the best
     held-out epoch when ``cfg.holdout`` sets a slice aside; stops at the first epoch whose loss is not finite."""
     protos = class_prototypes(model, r.layer, r.x, r.y, r.flagged, cfg.device) if cfg.reinit == "prototype" else None
-    reinitialise(r.layer, r.flagged, r.gen, cfg.reinit, protos)
+    reinitialise(r.layer, r.flagged, torch.Generator().manual_seed(r.seed), cfg.reinit, protos)
     penalties = relearning_penalties(model, r, cfg)
     best = {"acc": -1.0, "epoch": 0, "state": None}
 
@@ -481,49 +520,57 @@ def relearning_tries(cfg: ULRLConfig) -> list[tuple[float, bool]]:
 
 
 def shrunk(cfg: ULRLConfig, shrink: float) -> ULRLConfig:
-    """``cfg`` with the unlearned shortcuts' sizes (``trigger_scale``, ``all_to_all_scale``) times ``shrink``."""
+    """``cfg`` with the unlearned shortcuts' sizes (``trigger_scale``, ``all_to_all_scale``) times ``shrink``; 0: no
+    trigger unlearning."""
     if shrink == 1.0:
         return cfg
+    if shrink == 0.0:
+        return replace(cfg, trigger_unlearn=0.0)
     a2a = None if cfg.all_to_all_scale is None else cfg.all_to_all_scale * shrink
     return replace(cfg, trigger_scale=cfg.trigger_scale * shrink, all_to_all_scale=a2a)
 
 
-def over_budget(cfg: ULRLConfig, r: Repair, start_acc: float, end_acc: float) -> bool:
+@dataclass
+class Try:
+    """One relearning from the original weights: its lr, BatchNorm mode and share of the scan's shortcut unlearned
+    (``shrink``), the accuracy it kept on the clean images of the classes not flagged, its weights, and what the
+    report shows of it (``record``: its entry in ``relearn_attempts``)."""
+
+    lr: float
+    freeze_bn: bool
+    shrink: float
+    clean_acc: float
+    state: dict
+    relearn_history: list
+    selected_epoch: int | None
+    probe_history: list | None
+    record: dict
+
+
+def over_budget(cfg: ULRLConfig, r: Repair, start_acc: float, t: Try) -> bool:
     """Did a relearning that unlearned the scan's shortcuts lose more than ``cfg.relearn_budget`` of the clean-set
     accuracy (classes not flagged)?"""
-    return shortcut_kind(r, cfg) is not None and cfg.relearn_budget is not None and end_acc < start_acc - cfg.relearn_budget
+    return t.shrink > 0 and shortcut_kind(r, cfg) is not None and cfg.relearn_budget is not None \
+        and t.clean_acc < start_acc - cfg.relearn_budget
 
 
-def within_budget(model: nn.Module, cfg: ULRLConfig, r: Repair, attempt, start_acc: float, end_acc: float,
-                  report: DefenseReport) -> None:
-    """The cost budget: relearn with the unlearned shortcuts halved (``attempt(shrink)`` relearns ``model`` and returns
-    its clean-set accuracy) until a try keeps within ``cfg.relearn_budget`` or the next halving would go below
-    ``cfg.trigger_floor``; the first try within the budget stays, else the one with the highest accuracy."""
-    def kept() -> tuple:
-        return (end_acc, shrink, copy.deepcopy(model.state_dict()), report.relearn_history, report.selected_epoch,
-                report.extra.get("probe_history"), len(report.extra["relearn_attempts"]) - 1)
-
-    shrink = 1.0
-    best = kept()
-    while over_budget(cfg, r, start_acc, end_acc) and shrink / 2 >= cfg.trigger_floor * (1 - 1e-9):
-        report.notes.append(f"relearning cost {100 * (start_acc - end_acc):.1f} points of the clean images' accuracy "
-                            f"(classes not flagged; budget {100 * cfg.relearn_budget:g}): the unlearned shortcut overlaps "
-                            f"the clean task, relearning again with {shrink / 2:g} of it")
-        shrink /= 2
-        end_acc = attempt(shrink)
-        if end_acc > best[0]:
-            best = kept()
-    chosen = len(report.extra["relearn_attempts"]) - 1
-    if shrink < 1.0 and over_budget(cfg, r, start_acc, end_acc):
-        _, shrink, state, report.relearn_history, report.selected_epoch, probe, chosen = best
-        model.load_state_dict(state)
-        if probe is not None:
-            report.extra["probe_history"] = probe
-        report.notes.append(f"no try kept within the budget; the repair with {shrink:g} of the shortcut kept the most "
-                            f"({100 * best[0]:.1f}% on the clean images of the classes not flagged, the original "
-                            f"{100 * start_acc:.1f}%)")
-    report.extra["trigger_shrink"] = shrink
-    report.extra["relearn_attempts"][chosen]["kept"] = True
+def within_budget(cfg: ULRLConfig, r: Repair, attempt, start_acc: float, t: Try, notes: list[str]) -> Try:
+    """The cost budget: relearn with the unlearned shortcuts halved (``attempt(shrink)`` relearns and returns the
+    :class:`Try`) until a try keeps within ``cfg.relearn_budget`` or the next halving would go below
+    ``cfg.trigger_floor``; the first try within the budget, else the one with the highest accuracy."""
+    first = best = t
+    while over_budget(cfg, r, start_acc, t) and t.shrink / 2 >= cfg.trigger_floor * (1 - 1e-9):
+        notes.append(f"relearning cost {100 * (start_acc - t.clean_acc):.1f} points of the clean images' accuracy "
+                     f"(classes not flagged; budget {100 * cfg.relearn_budget:g}): the unlearned shortcut overlaps "
+                     f"the clean task, relearning again with {t.shrink / 2:g} of it")
+        t = attempt(t.shrink / 2)
+        best = t if t.clean_acc > best.clean_acc else best
+    if t is not first and over_budget(cfg, r, start_acc, t):
+        notes.append(f"no try kept within the budget; the repair with {best.shrink:g} of the shortcut kept the most "
+                     f"({100 * best.clean_acc:.1f}% on the clean images of the classes not flagged, the original "
+                     f"{100 * start_acc:.1f}%)")
+        return best
+    return t
 
 
 def _stats(frozen: bool) -> str:
@@ -550,7 +597,6 @@ def purify(
     model = copy.deepcopy(model).to(cfg.device)
     layer_name, layer = find_classifier(model, cfg.layer)
     report = DefenseReport(defense="ulrl", config=asdict(cfg), layer=layer_name)
-    gen = torch.Generator().manual_seed(cfg.seed)
     train_pos, held_pos = split_holdout(y, cfg.holdout, cfg.seed)
     x_train, y_train, x_held, y_held = x[train_pos], y[train_pos], x[held_pos], y[held_pos]
     original_state = copy.deepcopy(model.state_dict())
@@ -583,42 +629,71 @@ def purify(
     # cosine penalty pushing them away from their original (backdoored) direction.
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
-    plan = Repair(layer, layer_name, x_train, y_train, x_held, y_held, flagged, targets, w_original, result, teacher, gen)
+    plan = Repair(layer, layer_name, x_train, y_train, x_held, y_held, flagged, targets, w_original, result, teacher, cfg.seed)
     # The guard (default preset) judges each try on the clean set alone: the accuracy on the clean images of the
     # classes not flagged (a re-initialised row may legitimately lag; a diverged network loses every class).
     kept = ~torch.isin(y_train, torch.tensor(flagged, dtype=y_train.dtype))
     kept = kept if kept.any() else torch.ones_like(kept)
     start_acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
     report.extra.update(clean_set_acc_before=start_acc, relearn_attempts=[])
-    tries = relearning_tries(cfg)
+    verify = cfg.verify_repair is not None and shortcut_kind(plan, cfg) == "targets"
+    if verify:  # the scan's shortcuts on the original: about 0.9 by construction
+        report.extra["shortcut_survival_before"] = shortcut_survival(model, plan, cfg)
 
-    def attempt(lr: float, freeze_bn: bool, shrink: float = 1.0) -> float:
-        """Relearn from the original weights; the accuracy on the clean images of the classes not flagged."""
+    def attempt(lr: float, freeze_bn: bool, shrink: float) -> Try:
+        """Relearn from the original weights, unlearning ``shrink`` of the scan's shortcuts."""
         model.load_state_dict(original_state)
         relearn(model, plan, shrunk(cfg, shrink), lr, freeze_bn, report, monitor, progress)
         acc = accuracy(model, x_train[kept], y_train[kept], cfg.device)
-        report.extra["relearn_attempts"].append({"lr": lr, "freeze_bn": freeze_bn, "trigger_shrink": shrink,
-                                                 "clean_set_acc_after": acc})
-        return acc
+        record = {"lr": lr, "freeze_bn": freeze_bn, "trigger_shrink": shrink, "clean_set_acc_after": acc}
+        if verify:
+            record["shortcut_survival"] = shortcut_survival(model, plan, cfg)
+        report.extra["relearn_attempts"].append(record)
+        return Try(lr, freeze_bn, shrink, acc, copy.deepcopy(model.state_dict()), report.relearn_history,
+                   report.selected_epoch, report.extra.get("probe_history"), record)
 
+    # The guard: the configured relearning, then the stable settings of relearning_tries while one diverges.
+    tries, t = relearning_tries(cfg), None
     for n, (lr, freeze_bn) in enumerate(tries, 1):
-        end_acc = attempt(lr, freeze_bn)
-        if cfg.relearn_guard is None or end_acc >= start_acc - cfg.relearn_guard:
+        t = attempt(lr, freeze_bn, 0.0 if verify else 1.0)
+        if cfg.relearn_guard is None or t.clean_acc >= start_acc - cfg.relearn_guard:
             break
         again = f"; relearning again at lr {tries[n][0]:g} with {_stats(tries[n][1])}" if n < len(tries) else ""
-        report.notes.append(f"relearning at lr {lr:g} with {_stats(freeze_bn)} diverged: {100 * end_acc:.1f}% on the clean "
+        report.notes.append(f"relearning at lr {lr:g} with {_stats(freeze_bn)} diverged: {100 * t.clean_acc:.1f}% on the clean "
                             f"images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
-    else:  # every try diverged: a destroyed model is worse than none, hand the original back
+        t = None
+    if t is None:  # every try diverged: a destroyed model is worse than none, hand the original back
         model.load_state_dict(original_state)
         report.extra["repair_failed"] = True
         report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
                             "unchanged; try a lower relearn_lr")
-    if "repair_failed" not in report.extra and over_budget(cfg, plan, start_acc, end_acc):
-        within_budget(model, cfg, plan, lambda shrink: attempt(lr, freeze_bn, shrink), start_acc, end_acc, report)
+    else:
+        if verify:  # the least repair first: did relearning alone take the scan's shortcuts out?
+            survived = {c: v for c, v in zip(targets, t.record["shortcut_survival"], strict=True) if v > cfg.verify_repair}
+            if survived:
+                report.notes.append(
+                    "after relearning without trigger unlearning the scan's shortcut still sends "
+                    + ", ".join(f"{100 * v:.0f}% of the other classes' clean images to class {c}" for c, v in survived.items())
+                    + f" (verify_repair={cfg.verify_repair:g}): relearning again with it unlearned")
+                t = attempt(t.lr, t.freeze_bn, 1.0)
+            else:
+                report.notes.append("relearning alone took the scan's shortcuts out (at most "
+                                    f"{100 * max(t.record['shortcut_survival']):.0f}% of the other classes' clean images "
+                                    f"still go to a flagged class, verify_repair={cfg.verify_repair:g}): no trigger unlearning")
+        if over_budget(cfg, plan, start_acc, t):
+            lr, freeze_bn = t.lr, t.freeze_bn
+            t = within_budget(cfg, plan, lambda shrink: attempt(lr, freeze_bn, shrink), start_acc, t, report.notes)
+        model.load_state_dict(t.state)
+        report.relearn_history, report.selected_epoch = t.relearn_history, t.selected_epoch
+        if t.probe_history is not None:
+            report.extra["probe_history"] = t.probe_history
+        t.record["kept"] = True
+        report.extra["trigger_shrink"] = t.shrink
     report.seconds["relearn"] = time.perf_counter() - t0
     report.seconds["total"] = report.seconds["unlearn"] + report.seconds["relearn"]
     return model.eval(), report
 
 
-__all__ = ["PRESETS", "Repair", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
-           "reinitialise", "relearn", "relearning_penalties", "relearning_tries", "scan_config", "source_unlearning", "trigger_unlearning"]
+__all__ = ["PRESETS", "Repair", "Try", "ULRLConfig", "cosine_penalty", "find_by_scan", "find_by_unlearning", "make_config", "purify",
+           "reinitialise", "relearn", "relearning_penalties", "relearning_tries", "scan_config", "shortcut_survival", "source_unlearning",
+           "trigger_unlearning", "with_shortcut"]
