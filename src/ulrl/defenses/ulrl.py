@@ -21,7 +21,10 @@ of a backdoor untouched. Its repair (docs/method.md, Finding 4) scales each re-i
 (random) row to the norm and bias of the other rows (``reinit="matched"``), floors the cosine
 penalty (``cos_margin``), and relearns with the scan's universal perturbation toward each
 flagged class added to clean images under their true labels (``trigger_unlearn``,
-``trigger_scale``; Findings 4 and 10), which takes the backdoor out of the features as well as the row. It relearns
+``trigger_scale``; Findings 4 and 10), which takes the backdoor out of the features as well as the row; it relearns
+without that term first and adds it only when the relearned model still follows the perturbation (``verify_repair``,
+Finding 12: the term is adversarial training toward the flagged class, costly when that class is a natural
+attractor, and needless where re-initialising the row took the backdoor out). It relearns
 with the original model's BatchNorm statistics (``freeze_bn``: with batch statistics, a batch of
 perturbed images is normalised back toward clean ones and the shortcut survives in eval mode), at
 a lower learning rate (0.002: without batch normalisation the paper's 0.005 overshoots), and
@@ -114,10 +117,10 @@ class ULRLConfig:
     relearn_budget: float | None = None
     trigger_floor: float = 0.25
     # Verify before unlearning a shortcut (docs/method.md, Finding 12): relearn first with no trigger unlearning, then
-    # add the scan's perturbation toward each flagged class to the clean images of the other classes; when the
-    # relearned model still sends more than this fraction of them to the class, the shortcut survived relearning:
-    # relearn again with it unlearned (then the budget applies). None: unlearn it from the first try (paper: no
-    # trigger unlearning at all)
+    # add the scan's perturbation toward each flagged class to the clean images of the other classes; when it still
+    # sends more than this fraction of them to the class (beyond those the relearned model puts there without it),
+    # the shortcut survived relearning: relearn again with it unlearned (then the budget applies). None: unlearn it
+    # from the first try (the paper has no trigger unlearning at all)
     verify_repair: float | None = None
     # Shared optimiser settings
     momentum: float = 0.9
@@ -178,7 +181,7 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Findings 4, 9 and 10
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "verify_repair": 0.1, "probe_epochs": 10,
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "verify_repair": 0.02, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75, "all_to_all_sources": "any"},
 }
 
@@ -673,13 +676,13 @@ def purify(
             if survived:
                 report.notes.append(
                     "after relearning without trigger unlearning the scan's shortcut still sends "
-                    + ", ".join(f"{100 * v:.0f}% of the other classes' clean images to class {c}" for c, v in survived.items())
+                    + ", ".join(f"{100 * v:.1f}% more of the other classes' clean images to class {c}" for c, v in survived.items())
                     + f" (verify_repair={cfg.verify_repair:g}): relearning again with it unlearned")
                 t = attempt(t.lr, t.freeze_bn, 1.0)
             else:
-                report.notes.append("relearning alone took the scan's shortcuts out (at most "
-                                    f"{100 * max(t.record['shortcut_survival']):.0f}% of the other classes' clean images "
-                                    f"still go to a flagged class, verify_repair={cfg.verify_repair:g}): no trigger unlearning")
+                report.notes.append("relearning alone took the scan's shortcuts out (they send at most "
+                                    f"{100 * max(t.record['shortcut_survival']):.1f}% more of the other classes' clean "
+                                    f"images to a flagged class, verify_repair={cfg.verify_repair:g}): no trigger unlearning")
         if over_budget(cfg, plan, start_acc, t):
             lr, freeze_bn = t.lr, t.freeze_bn
             t = within_budget(cfg, plan, lambda shrink: attempt(lr, freeze_bn, shrink), start_acc, t, report.notes)
