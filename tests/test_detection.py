@@ -308,11 +308,11 @@ def test_ulrl_budget_halves_the_unlearned_shortcut_while_the_repair_costs(plante
     assert [a.get("kept", False) for a in report.extra["relearn_attempts"]] == [i == kept for i in range(len(shrinks))]
 
 
-@pytest.mark.parametrize("survival, unlearned", [([0.01], [0.0]),  # relearning alone took the shortcut out: kept
+@pytest.mark.parametrize("survival, unlearned", [([0.005], [0.0]),  # relearning alone took the shortcut out: kept
                                                  ([0.5, 0.0], [0.0, 1.0])])  # it survived: relearn again, unlearning it
 def test_ulrl_verifies_relearning_alone_before_unlearning_the_shortcut(planted, monkeypatch, survival, unlearned):
     """The default relearns first without trigger unlearning and applies the scan's shortcut to the clean images of the
-    other classes: while the relearned model still sends more than verify_repair (2%) more of them to the flagged class, it
+    other classes: while the relearned model still sends more than verify_repair (1%) more of them to the flagged class, it
     relearns again with the shortcut unlearned. On the original the shortcut sends most of them there."""
     import ulrl.defenses.ulrl as method
     models, x, y = planted

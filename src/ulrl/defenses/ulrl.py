@@ -181,7 +181,7 @@ PRESETS = {
     "paper": paper_preset,
     # docs/detection.md; docs/method.md, Findings 4, 9 and 10
     "default": {"detect": "scan", "reinit": "matched", "cos_margin": -0.3, "trigger_unlearn": 1.0, "trigger_scale": 1.0,
-                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "verify_repair": 0.02, "probe_epochs": 10,
+                "freeze_bn": True, "distill": 1.0, "relearn_lr": 0.002, "relearn_guard": 0.1, "relearn_budget": 0.01, "verify_repair": 0.01, "probe_epochs": 10,
                 "all_to_all_repair": "features", "all_to_all_scale": 0.75, "all_to_all_sources": "any"},
 }
 
