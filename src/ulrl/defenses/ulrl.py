@@ -691,7 +691,8 @@ def purify(
         if t.probe_history is not None:
             report.extra["probe_history"] = t.probe_history
         t.record["kept"] = True
-        report.extra["trigger_shrink"] = t.shrink
+        if shortcut_kind(plan, cfg) is not None:  # the share of the scan's shortcut the kept try unlearned
+            report.extra["trigger_shrink"] = t.shrink
     report.seconds["relearn"] = time.perf_counter() - t0
     report.seconds["total"] = report.seconds["unlearn"] + report.seconds["relearn"]
     return model.eval(), report
