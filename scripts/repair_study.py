@@ -25,6 +25,19 @@ def per_class(model, data) -> list[float]:
             for c in range(data.num_classes)]
 
 
+def oracle(real_scan, truth: list[int], cached: dict):
+    """A stand-in for the scan: runs it once (kept in ``cached["result"]``, its own verdict in ``cached["found"]``) and
+    replaces its suspected classes by ``truth``, so that every variant relearns the same rows."""
+    def oracle_scan(m, x, y, cfg, progress=True):
+        if "result" not in cached:
+            cached["result"] = real_scan(m, x, y, cfg, progress=False)
+            cached["found"] = cached["result"].suspected
+            cached["result"].suspected = truth
+        return cached["result"]
+
+    return oracle_scan
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoints", nargs="+")
@@ -43,15 +56,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             idx = select_clean(data, 0.01, None, seed)
             cached = {}
-
-            def oracle_scan(m, x, y, cfg, progress=True, cached=cached, truth=truth):
-                if "result" not in cached:
-                    cached["result"] = real_scan(m, x, y, cfg, progress=False)
-                    cached["found"] = cached["result"].suspected
-                    cached["result"].suspected = truth
-                return cached["result"]
-
-            method.scan = oracle_scan
+            method.scan = oracle(real_scan, truth, cached)
             for name, options in variants.items():
                 repaired, report, r = run_defense(model, data, idx, attack, "ulrl", "default", {"seed": seed, **options},
                                                   progress=False, monitor_size=0, before=meta.get("test_metrics"))

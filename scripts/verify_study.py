@@ -14,6 +14,7 @@ import json
 from types import SimpleNamespace
 
 import torch
+from repair_study import oracle  # noqa: E402  (a sibling script: run as python scripts/verify_study.py)
 
 import ulrl.defenses.ulrl as method
 from ulrl.checkpoints import load_checkpoint
@@ -63,28 +64,17 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             idx = select_clean(data, 0.01, None, seed)
             cached = {}
-
-            def oracle_scan(m, x, y, cfg, progress=True, cached=cached, target=target):
-                if "result" not in cached:
-                    cached["result"] = real_scan(m, x, y, cfg, progress=False)
-                    cached["found"] = cached["result"].suspected
-                    cached["before"] = at(cached["result"], target)
-                    cached["before"]["flips"] = flips(m, x, y, cached["result"].perturbations[target], target)
-                    cached["result"].suspected = [target]
-                return cached["result"]
-
-            method.scan = oracle_scan
+            method.scan = oracle(real_scan, [target], cached)
             for name, options in variants.items():
                 repaired, report, r = run_defense(model, data, idx, attack, "ulrl", "default", {"seed": seed, **options},
                                                   progress=False, monitor_size=0, before=meta.get("test_metrics"), meta=meta)
+                if "before" not in cached:  # the original model and its scan, once
+                    cached["before"] = {**at(cached["result"], target), "flips": flips(
+                        model, data.train_x[idx], data.train_y[idx], cached["result"].perturbations[target], target)}
                 cfg = method.ULRLConfig(**report.config)
                 check = dataclasses.replace(method.scan_config(cfg), signals=CHECK, all_to_all_share=0.0)
                 after = None if args.no_rescan else real_scan(repaired, data.train_x[idx], data.train_y[idx], check, progress=False)
                 flipped = flips(repaired, data.train_x[idx], data.train_y[idx], cached["result"].perturbations[target], target)
-                torch.save({"state": repaired.state_dict(), "delta": cached["result"].perturbations[target],
-                            "warps": cached["result"].warps, "warp_stat": cached["result"].signals["warp"].statistic,
-                            "idx": idx, "target": target},
-                           f"/tmp/s/models/{ckpt.split('/')[-2]}-{seed}-{name}.pt")
                 plan = SimpleNamespace(result=cached["result"], targets=[target], x=data.train_x[idx], y=data.train_y[idx])
                 survival = round(method.shortcut_survival(repaired, plan, cfg)[0], 3)
                 print(json.dumps({"checkpoint": ckpt.split("/")[-2], "seed": seed, "target": target, "variant": name,
