@@ -45,6 +45,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -576,6 +577,37 @@ def within_budget(cfg: ULRLConfig, r: Repair, attempt, start_acc: float, t: Try,
     return t
 
 
+def guarded(cfg: ULRLConfig, attempt, start_acc: float, shrink: float, notes: list[str]) -> Try | None:
+    """The guard: relearn (``attempt(lr, freeze_bn, shrink)``) with the configured settings, then with the stable
+    settings of :func:`relearning_tries` while a try loses more than ``cfg.relearn_guard`` of the clean-set accuracy
+    (classes not flagged); the first try that does not, else None."""
+    tries = relearning_tries(cfg)
+    for n, (lr, freeze_bn) in enumerate(tries, 1):
+        t = attempt(lr, freeze_bn, shrink)
+        if cfg.relearn_guard is None or t.clean_acc >= start_acc - cfg.relearn_guard:
+            return t
+        again = f"; relearning again at lr {tries[n][0]:g} with {_stats(tries[n][1])}" if n < len(tries) else ""
+        notes.append(f"relearning at lr {lr:g} with {_stats(freeze_bn)} diverged: {100 * t.clean_acc:.1f}% on the clean "
+                     f"images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
+    return None
+
+
+def verified(cfg: ULRLConfig, r: Repair, attempt, t: Try, notes: list[str]) -> Try:
+    """The least repair first: ``t`` relearned without trigger unlearning. If the scan's shortcut toward a flagged
+    class still sends more than ``cfg.verify_repair`` more of the other classes' clean images there, relearn again
+    (``attempt(shrink)``) with the whole shortcut unlearned; else keep ``t``."""
+    survived = {c: v for c, v in zip(r.targets, t.record["shortcut_survival"], strict=True) if v > cfg.verify_repair}
+    if not survived:
+        notes.append("relearning alone took the scan's shortcuts out (they send at most "
+                     f"{100 * max(t.record['shortcut_survival']):.1f}% more of the other classes' clean "
+                     f"images to a flagged class, verify_repair={cfg.verify_repair:g}): no trigger unlearning")
+        return t
+    notes.append("after relearning without trigger unlearning the scan's shortcut still sends "
+                 + ", ".join(f"{100 * v:.1f}% more of the other classes' clean images to class {c}" for c, v in survived.items())
+                 + f" (verify_repair={cfg.verify_repair:g}): relearning again with it unlearned")
+    return attempt(1.0)
+
+
 def _stats(frozen: bool) -> str:
     return "frozen BatchNorm statistics" if frozen else "batch statistics"
 
@@ -655,37 +687,20 @@ def purify(
         return Try(lr, freeze_bn, shrink, acc, copy.deepcopy(model.state_dict()), report.relearn_history,
                    report.selected_epoch, report.extra.get("probe_history"), record)
 
-    # The guard: the configured relearning, then the stable settings of relearning_tries while one diverges.
-    tries, t = relearning_tries(cfg), None
-    for n, (lr, freeze_bn) in enumerate(tries, 1):
-        t = attempt(lr, freeze_bn, 0.0 if verify else 1.0)
-        if cfg.relearn_guard is None or t.clean_acc >= start_acc - cfg.relearn_guard:
-            break
-        again = f"; relearning again at lr {tries[n][0]:g} with {_stats(tries[n][1])}" if n < len(tries) else ""
-        report.notes.append(f"relearning at lr {lr:g} with {_stats(freeze_bn)} diverged: {100 * t.clean_acc:.1f}% on the clean "
-                            f"images of the classes not flagged, the original {100 * start_acc:.1f}%{again}")
-        t = None
+    # The guard, then the check, then the budget: each judges a try on the clean set alone.
+    t = guarded(cfg, attempt, start_acc, 0.0 if verify else 1.0, report.notes)
     if t is None:  # every try diverged: a destroyed model is worse than none, hand the original back
         model.load_state_dict(original_state)
         report.extra["repair_failed"] = True
         report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
                             "unchanged; try a lower relearn_lr")
     else:
-        if verify:  # the least repair first: did relearning alone take the scan's shortcuts out?
-            survived = {c: v for c, v in zip(targets, t.record["shortcut_survival"], strict=True) if v > cfg.verify_repair}
-            if survived:
-                report.notes.append(
-                    "after relearning without trigger unlearning the scan's shortcut still sends "
-                    + ", ".join(f"{100 * v:.1f}% more of the other classes' clean images to class {c}" for c, v in survived.items())
-                    + f" (verify_repair={cfg.verify_repair:g}): relearning again with it unlearned")
-                t = attempt(t.lr, t.freeze_bn, 1.0)
-            else:
-                report.notes.append("relearning alone took the scan's shortcuts out (they send at most "
-                                    f"{100 * max(t.record['shortcut_survival']):.1f}% more of the other classes' clean "
-                                    f"images to a flagged class, verify_repair={cfg.verify_repair:g}): no trigger unlearning")
+        lr, freeze_bn = t.lr, t.freeze_bn  # the settings the guard kept: every later try relearns with them
+        again = partial(attempt, lr, freeze_bn)
+        if verify:
+            t = verified(cfg, plan, again, t, report.notes)
         if over_budget(cfg, plan, start_acc, t):
-            lr, freeze_bn = t.lr, t.freeze_bn
-            t = within_budget(cfg, plan, lambda shrink: attempt(lr, freeze_bn, shrink), start_acc, t, report.notes)
+            t = within_budget(cfg, plan, again, start_acc, t, report.notes)
         model.load_state_dict(t.state)
         report.relearn_history, report.selected_epoch = t.relearn_history, t.selected_epoch
         if t.probe_history is not None:
