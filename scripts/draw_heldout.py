@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import random
 
-# Targets already used per attack (the zoo of fashion-mnist-cpu and held-out sets A to F), when set G was drawn.
+# Targets already used per attack (the zoo of fashion-mnist-cpu and held-out sets A to F), when set G was drawn;
+# add set G's (trojannn 5, blended 4, lira 2, adaptive-blend 5, ftrojan 4, ssba 1) before drawing another set.
 USED = {"adaptive-blend": {8}, "badnets": {3, 7, 5, 4}, "blended": {6, 9}, "blind": {1}, "bpp": {9}, "ftrojan": {5},
         "lc": {2, 9, 5, 0}, "lf": {7, 3}, "lira": {0}, "sig": {4, 0, 7, 2, 8, 1}, "ssba": {2, 6}, "trojannn": {6, 0},
         "wanet": {1, 5}, "input-aware": {4}}
@@ -41,7 +42,7 @@ def draw(seed: int, n: int = 6) -> list[str]:
         target = r.choice([c for c in range(10) if c not in USED[name]])
         rate, option = r.choice(RATES), r.choice(MENU[name])
         spec = f"{name}:target={target}" + (f",{option}" if option else "")
-        if "rate=" not in spec and name not in NO_RATE:
+        if name not in NO_RATE and not any(o.startswith("rate=") for o in option.split(",")):
             spec += f",rate={rate}"
         specs.append(spec)
     return specs

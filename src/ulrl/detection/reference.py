@@ -93,7 +93,7 @@ def _check_scan(model_id: str, s: Any) -> None:
 
 def _scores(scan: dict[str, Any], signal: str) -> list[float]:
     v = scan["signals"][signal]["score"]
-    return [float(x) for x in v]  # _check_scan refused a scan with a never-reached class (null in scan.json)
+    return [-math.inf if x is None else float(x) for x in v]  # scan.json writes a never-reached class as null
 
 
 def load_profile(ref: str) -> dict[str, Any]:
