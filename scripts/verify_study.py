@@ -14,7 +14,7 @@ import json
 from types import SimpleNamespace
 
 import torch
-from repair_study import oracle  # noqa: E402  (a sibling script: run as python scripts/verify_study.py)
+from repair_study import oracle  # a sibling script: run as python scripts/verify_study.py
 
 import ulrl.defenses.ulrl as method
 from ulrl.checkpoints import load_checkpoint

@@ -695,12 +695,11 @@ def purify(
         report.notes.append("the repair failed (relearning diverged every time): the model's weights are returned "
                             "unchanged; try a lower relearn_lr")
     else:
-        lr, freeze_bn = t.lr, t.freeze_bn  # the settings the guard kept: every later try relearns with them
-        again = partial(attempt, lr, freeze_bn)
+        retry = partial(attempt, t.lr, t.freeze_bn)  # every later try relearns with the settings the guard kept
         if verify:
-            t = verified(cfg, plan, again, t, report.notes)
+            t = verified(cfg, plan, retry, t, report.notes)
         if over_budget(cfg, plan, start_acc, t):
-            t = within_budget(cfg, plan, again, start_acc, t, report.notes)
+            t = within_budget(cfg, plan, retry, start_acc, t, report.notes)
         model.load_state_dict(t.state)
         report.relearn_history, report.selected_epoch = t.relearn_history, t.selected_epoch
         if t.probe_history is not None:
